@@ -1,0 +1,34 @@
+# The two commands a new user (and CI) runs: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# The one place torch is pinned: a pair that installs offline on the reference machine (timm needs torchvision).
+TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: run test test-all lint bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_PIN)
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+run: $(VENV)/.installed
+	$(VENV)/bin/leanformer models
+	$(VENV)/bin/leanformer forward --model swin_tiny_patch4_window7_224 --data digits --batch-size 8
+
+test: $(VENV)/.installed
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(PY) -m pytest -q
+
+test-all: $(VENV)/.installed
+	$(PY) -m pytest -q -m ''
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/backbones.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

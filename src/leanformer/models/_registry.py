@@ -1,0 +1,66 @@
+"""Model registry in timm's style: named variant entrypoints that hold default arguments.
+
+`create_model(name, **kwargs)` looks the name up, lets any constructor argument be overridden
+by keyword, and optionally loads a local checkpoint through the family's filter function.
+Nothing is ever downloaded: weights come from `checkpoint_path`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import sys
+from collections.abc import Callable
+from os import PathLike
+
+import torch.nn as nn
+
+from ._checkpoint import load_checkpoint
+
+_entrypoints: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register a variant entrypoint under its function name (decorator)."""
+    name = fn.__name__
+    if name in _entrypoints and _entrypoints[name] is not fn:
+        raise ValueError(f"model name {name!r} is registered twice")
+    _entrypoints[name] = fn
+    return fn
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Sorted names of the registered variants matching a shell-style `pattern`."""
+    return sorted(n for n in _entrypoints if fnmatch.fnmatch(n, pattern))
+
+
+def is_model(name: str) -> bool:
+    return name in _entrypoints
+
+
+def create_model(
+    name: str,
+    pretrained: bool = False,
+    checkpoint_path: str | PathLike | None = None,
+    **kwargs,
+) -> nn.Module:
+    """Build a registered variant; `kwargs` override any constructor argument.
+
+    `checkpoint_path` may be a `.safetensors` or `.pth`/`.pt`/`.bin` file in any key layout the
+    family's `checkpoint_filter_fn` understands (ours, timm's, the official code's); mismatches
+    raise `ValueError` naming the keys. `pretrained=True` is refused: there is no download, pass `checkpoint_path`.
+    """
+    if name not in _entrypoints:
+        close = difflib.get_close_matches(name, _entrypoints, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(list_models())}"
+        raise ValueError(f"unknown model {name!r}{hint}")
+    if pretrained:
+        raise ValueError(
+            "pretrained=True is not supported: leanformer never downloads weights; "
+            "pass a local file with checkpoint_path=..."
+        )
+    model = _entrypoints[name](**kwargs)
+    if checkpoint_path is not None:
+        family = sys.modules[_entrypoints[name].__module__]
+        load_checkpoint(model, checkpoint_path, getattr(family, "checkpoint_filter_fn", None))
+    return model
