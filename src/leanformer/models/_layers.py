@@ -57,7 +57,8 @@ def init_linear_and_norm(module: nn.Module) -> None:
 
 def linear_drop_path_rates(drop_path_rate: float, depths: list[int]) -> list[list[float]]:
     """Stochastic-depth rate per block, rising linearly from 0 to `drop_path_rate`, split per stage."""
-    rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+    n = sum(depths)
+    rates = [drop_path_rate * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
     out, start = [], 0
     for depth in depths:
         out.append(rates[start : start + depth])

@@ -10,12 +10,13 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from os import PathLike
 
 import torch.nn as nn
 
 from ._checkpoint import load_checkpoint
+from ._features import FeatureExtractor
 
 _entrypoints: dict[str, Callable[..., nn.Module]] = {}
 
@@ -42,16 +43,21 @@ def create_model(
     name: str,
     pretrained: bool = False,
     checkpoint_path: str | PathLike | None = None,
+    features_only: bool = False,
+    out_indices: Sequence[int] | None = None,
     **kwargs,
 ) -> nn.Module:
     """Build a registered variant; `kwargs` override any constructor argument.
 
     `checkpoint_path` may be a `.safetensors` or `.pth`/`.pt`/`.bin` file in any key layout the
     family's `checkpoint_filter_fn` understands (ours, timm's, the official code's); mismatches
-    raise `ValueError` naming the keys. `pretrained=True` is refused: there is no download, pass `checkpoint_path`.
+    raise `ValueError` naming the keys. `pretrained=True` is refused: there is no download, pass
+    `checkpoint_path`. `features_only=True` returns a module whose forward gives the NCHW maps of
+    the stages in `out_indices` (default all), as timm's `features_only` does.
     """
     if name not in _entrypoints:
-        close = difflib.get_close_matches(name, _entrypoints, n=3, cutoff=0.5)
+        close = [n for n in list_models() if n.startswith(name)][:3]
+        close = close or difflib.get_close_matches(name, _entrypoints, n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(list_models())}"
         raise ValueError(f"unknown model {name!r}{hint}")
     if pretrained:
@@ -59,8 +65,15 @@ def create_model(
             "pretrained=True is not supported: leanformer never downloads weights; "
             "pass a local file with checkpoint_path=..."
         )
-    model = _entrypoints[name](**kwargs)
+    try:
+        model = _entrypoints[name](**kwargs)
+    except TypeError as err:  # an argument the constructor does not take
+        raise ValueError(f"{name}: {err}") from err
     if checkpoint_path is not None:
         family = sys.modules[_entrypoints[name].__module__]
         load_checkpoint(model, checkpoint_path, getattr(family, "checkpoint_filter_fn", None))
+    if features_only:
+        return FeatureExtractor(model, out_indices)
+    if out_indices is not None:
+        raise ValueError("out_indices is only used with features_only=True")
     return model

@@ -1,0 +1,1 @@
+"""The `leanformer` command line."""

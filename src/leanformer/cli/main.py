@@ -1,0 +1,48 @@
+"""`leanformer` entry point: parses arguments, dispatches to a subcommand, turns errors into one line.
+
+Every user error (bad argument, missing file, bad config) exits with code 2 and a single line on
+stderr; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import forward, models
+
+
+class UsageError(Exception):
+    """An error in what the user asked for; reported as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="leanformer",
+        description="Cheaper Transformers and MLP vision models: backbones, activation compression, "
+        "activation sparsity and rank-wise MoE adapters.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in (models, forward):
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except (ValueError, FileNotFoundError, UsageError) as err:
+        if args.debug:
+            raise
+        print(f"leanformer {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
