@@ -3,10 +3,10 @@ import math
 import pytest
 import torch
 from safetensors.torch import save_file
+from tests.conftest import load_reference_fixture
 
 from leanformer import create_model
 from leanformer.models.swin import SwinTransformer, window_attention_mask, window_token_order
-from tests.conftest import load_reference_fixture
 
 PARAMS = {
     "swin_tiny_patch4_window7_224": 28_288_354,
@@ -94,7 +94,8 @@ def test_checkpoint_errors_name_the_keys(tmp_path):
     del state["norm.weight"]
     state["head.fc.weight"] = torch.zeros(3, 192)
     save_file(state, tmp_path / "bad.safetensors")
-    with pytest.raises(ValueError, match=r"missing keys: norm\.weight.*unexpected keys: extra\.weight.*head\.fc\.weight"):
+    expected = r"missing keys: norm\.weight.*unexpected keys: extra\.weight.*head\.fc\.weight"
+    with pytest.raises(ValueError, match=expected):
         tiny(checkpoint_path=tmp_path / "bad.safetensors")
     (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="could not be read"):

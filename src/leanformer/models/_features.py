@@ -8,6 +8,21 @@ import torch
 import torch.nn as nn
 
 
+def stage_indices(indices: int | Sequence[int] | None, n_stages: int) -> set[int]:
+    """timm's `indices` argument: None = all stages, int n = the last n, or explicit (negative ok) indices."""
+    if indices is None:
+        return set(range(n_stages))
+    if isinstance(indices, int):
+        if not 1 <= indices <= n_stages:
+            raise ValueError(f"indices={indices}: expected 1..{n_stages} (the last n stages)")
+        return set(range(n_stages - indices, n_stages))
+    take = {i % n_stages if -n_stages <= i < n_stages else i for i in indices}
+    bad = [i for i in take if not 0 <= i < n_stages]
+    if bad or not take:
+        raise ValueError(f"indices={list(indices)}: expected stage indices in [0, {n_stages})")
+    return take
+
+
 class FeatureExtractor(nn.Module):
     """Wraps a backbone with `forward_intermediates`; forward returns the maps of `out_indices`.
 

@@ -11,9 +11,9 @@ The state-dict layout is the reference code's own (`layers.{i}.blocks.{j}.dwconv
 `layers.{i}.downsample` at the *end* of stages 0-2, `norm` applied after pooling, classifier `head`),
 so reference checkpoints load as they are. What this file adds over the reference:
 
-- a fused token mixer (the default): the shifts of all groups and both branches are one precomputed
-  gather, and consecutive groups sharing a kernel size are mixed by one depthwise conv over both
-  branches, so a block runs 2-4 convs instead of 10 convs, 10 rolls and 2 cats. The kernels are
+- a fused token mixer (the default): consecutive groups sharing a kernel size are rolled into one
+  channels-last map for both branches and mixed by one depthwise conv, so a block runs 2-4 convs
+  instead of 10 (no zero-padded kernels, so no wasted MACs). The kernels are
   concatenated from the reference-layout parameters in every forward, so gradients reach them. The
   plain reference computation stays available (`fused=False`) and tests check one against the other;
 - activations stay NHWC between blocks (convs see a channels-last view), so no layout copies;
@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ._features import stage_indices
 from ._layers import (
     DropPath,
     check_image_batch,
@@ -40,12 +41,15 @@ from ._layers import (
     linear_drop_path_rates,
     pad_to_multiple_nhwc,
 )
+from ._linear import Linear
 from ._registry import register_model
 
 __all__ = ["MSMLP", "MixShiftBlock", "checkpoint_filter_fn", "msmlp_base", "msmlp_small", "msmlp_tiny"]
 
 _DEFAULT_MIX_SIZE = ((1, 1, 3, 5, 7), (1, 3, 3, 5, 7), (1, 5, 5, 5, 7), (1, 7, 7, 7, 7))
 _DEFAULT_SHIFT_DIST = (-2, -1, 0, 1, 2)
+# every LayerNorm of the reference model uses eps 1e-6 (checked against the reference fixture)
+_LN_EPS = 1e-6
 
 
 def chunk_sizes(dim: int, groups: int) -> list[int]:
@@ -65,60 +69,6 @@ def _kernel_runs(kernel_sizes: Sequence[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
-class _ShiftGather(torch.autograd.Function):
-    """Gather the shifted copies of an NHWC map for each kernel run; backward gathers by the inverse.
-
-    Every input element appears exactly twice in the outputs (once per branch), so the gradient is
-    two gathers and an add instead of a scatter-add.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, inverse: torch.Tensor, *indices: torch.Tensor):
-        ctx.save_for_backward(inverse)
-        ctx.shape = x.shape
-        flat = x.reshape(x.shape[0], -1)
-        return tuple(flat.index_select(1, index) for index in indices)
-
-    @staticmethod
-    def backward(ctx, *grads: torch.Tensor):
-        (inverse,) = ctx.saved_tensors
-        batch = ctx.shape[0]
-        grad = torch.cat([g.reshape(batch, -1) for g in grads], dim=1)
-        grad = grad.index_select(1, inverse).view(batch, 2, -1).sum(1)
-        return (grad.view(ctx.shape), None) + (None,) * len(grads)
-
-
-def shift_gather_indices(height: int, width: int, shifts: Sequence[int], runs: Sequence[tuple[int, int]]):
-    """Flat (H, W, C) source indices for each channel run and the inverse used by backward.
-
-    `shifts[c]` is the shift of channel c; run r covers channels [c0, c1) and its output is an
-    (H, W, 2*(c1-c0)) map holding the W-rolled ("lr") channels then the H-rolled ("td") ones, the
-    values `torch.roll(x, shift, dim)` gives.
-    """
-    dim = len(shifts)
-    shift = torch.as_tensor(list(shifts))
-    h = torch.arange(height).view(-1, 1, 1)
-    w = torch.arange(width).view(1, -1, 1)
-    indices, lr_parts = [], []
-    for c0, c1 in runs:
-        c = torch.arange(c0, c1).view(1, 1, -1)
-        s = shift[c0:c1].view(1, 1, -1)
-        lr = (h * width + (w - s) % width) * dim + c
-        td = (((h - s) % height) * width + w) * dim + c
-        both = torch.cat([lr.expand(height, width, -1), td.expand(height, width, -1)], dim=2)
-        indices.append(both.reshape(-1))
-        is_lr = torch.zeros(height, width, 2 * (c1 - c0), dtype=torch.bool)
-        is_lr[..., : c1 - c0] = True
-        lr_parts.append(is_lr.reshape(-1))
-    index = torch.cat(indices)
-    is_lr = torch.cat(lr_parts)
-    position = torch.arange(index.numel())
-    inverse = torch.empty(2, height * width * dim, dtype=torch.long)
-    inverse[0, index[is_lr]] = position[is_lr]
-    inverse[1, index[~is_lr]] = position[~is_lr]
-    return indices, inverse.view(-1)
-
-
 class MixShiftBlock(nn.Module):
     """Shift channel groups along W and H, mix each with a depthwise conv, sum; then LN -> MLP -> layer scale."""
 
@@ -131,14 +81,14 @@ class MixShiftBlock(nn.Module):
         self.shift_dist = list(shift_dist)
         self.mix_size = list(mix_size)
         self.dwconv_lr = nn.ModuleList(nn.Conv2d(n, n, k, padding=k // 2, groups=n)
-                                       for n, k in zip(self.chunks, self.mix_size))
+                                       for n, k in zip(self.chunks, self.mix_size, strict=True))
         self.dwconv_td = nn.ModuleList(nn.Conv2d(n, n, k, padding=k // 2, groups=n)
-                                       for n, k in zip(self.chunks, self.mix_size))
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
+                                       for n, k in zip(self.chunks, self.mix_size, strict=True))
+        self.norm = nn.LayerNorm(dim, eps=_LN_EPS)
         hidden = int(mlp_ratio * dim)
-        self.pwconv1 = nn.Linear(dim, hidden)
+        self.pwconv1 = Linear(dim, hidden)
         self.act = nn.GELU()
-        self.pwconv2 = nn.Linear(hidden, dim)
+        self.pwconv2 = Linear(hidden, dim)
         self.drop = nn.Dropout(drop)
         self.gamma = nn.Parameter(torch.full((dim,), layer_scale_init_value))
         self.drop_path = DropPath(drop_path)
@@ -147,52 +97,48 @@ class MixShiftBlock(nn.Module):
         for n in self.chunks:
             offsets.append(offsets[-1] + n)
         self._runs = [(k, g0, g1, offsets[g0], offsets[g1]) for k, g0, g1 in _kernel_runs(self.mix_size)]
-        self._channel_shift = [s for n, s in zip(self.chunks, self.shift_dist) for _ in range(n)]
-        self._index_cache: dict[tuple, tuple] = {}
-
-    def _indices(self, height: int, width: int, device: torch.device):
-        key = (height, width, device)
-        if key not in self._index_cache:
-            runs = [(c0, c1) for _, _, _, c0, c1 in self._runs]
-            indices, inverse = shift_gather_indices(height, width, self._channel_shift, runs)
-            self._index_cache[key] = (inverse.to(device), *[i.to(device) for i in indices])
-        return self._index_cache[key]
 
     def mix_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The reference computation on an NCHW map: per group roll + depthwise conv, both branches."""
         groups = torch.chunk(x, len(self.chunks), dim=1)
-        lr = [conv(torch.roll(g, s, dims=3)) for g, s, conv in zip(groups, self.shift_dist, self.dwconv_lr)]
-        td = [conv(torch.roll(g, s, dims=2)) for g, s, conv in zip(groups, self.shift_dist, self.dwconv_td)]
+        shifts = self.shift_dist
+        lr = [conv(torch.roll(g, s, dims=3)) for g, s, conv in zip(groups, shifts, self.dwconv_lr, strict=True)]
+        td = [conv(torch.roll(g, s, dims=2)) for g, s, conv in zip(groups, shifts, self.dwconv_td, strict=True)]
         return torch.cat(lr, dim=1) + torch.cat(td, dim=1)
 
     def mix_fused(self, x: torch.Tensor) -> torch.Tensor:
-        """Same result as `mix_reference` on an NHWC map: one gather, one conv per kernel-size run."""
+        """Same result as `mix_reference` on an NHWC map, with one conv per run of equal kernel sizes.
+
+        The rolled groups of a run (both branches) are concatenated into one channels-last map, so a
+        single depthwise conv mixes them; the kernels are concatenated from the reference-layout
+        parameters here, so gradients reach them.
+        """
         B, H, W, _ = x.shape
-        inverse, *indices = self._indices(H, W, x.device)
-        shifted = _ShiftGather.apply(x, inverse, *indices)
         outs = []
-        for (k, g0, g1, c0, c1), y in zip(self._runs, shifted):
-            n = c1 - c0
+        for k, g0, g1, c0, c1 in self._runs:
+            lr, td, start = [], [], c0
+            for g in range(g0, g1):
+                group = x[..., start : start + self.chunks[g]]
+                start += self.chunks[g]
+                lr.append(torch.roll(group, self.shift_dist[g], dims=2))
+                td.append(torch.roll(group, self.shift_dist[g], dims=1))
             convs = [*self.dwconv_lr[g0:g1], *self.dwconv_td[g0:g1]]
             weight = torch.cat([conv.weight for conv in convs])
             bias = torch.cat([conv.bias for conv in convs])
-            y = y.view(B, H, W, 2 * n).permute(0, 3, 1, 2)  # channels-last NCHW view
-            y = F.conv2d(y, weight, bias, padding=k // 2, groups=2 * n).permute(0, 2, 3, 1)
-            outs.append(y.reshape(B, H, W, 2, n).sum(3))
+            y = torch.cat(lr + td, dim=3).permute(0, 3, 1, 2)  # channels-last NCHW view
+            y = F.conv2d(y, weight, bias, padding=k // 2, groups=2 * (c1 - c0)).permute(0, 2, 3, 1)
+            outs.append(y.reshape(B, H, W, 2, c1 - c0).sum(3))
         return torch.cat(outs, dim=3) if len(outs) > 1 else outs[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, H, W, C) -> same shape."""
-        if self.fused:
-            mixed = self.mix_fused(x)
-        else:
-            mixed = self.mix_reference(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        mixed = self.mix_fused(x) if self.fused else self.mix_reference(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         y = self.drop(self.pwconv2(self.drop(self.act(self.pwconv1(self.norm(mixed))))))
         return x + self.drop_path(y * self.gamma)
 
     def flops(self, height: int, width: int) -> int:
         """MACs for one image: depthwise convs k*k per output element, LN one per element, linears."""
-        dw = sum(n * k * k for n, k in zip(self.chunks, self.mix_size))
+        dw = sum(n * k * k for n, k in zip(self.chunks, self.mix_size, strict=True))
         hidden = self.pwconv1.out_features
         return height * width * (2 * dw + self.dim + 2 * self.dim * hidden)
 
@@ -203,7 +149,7 @@ class ConvEmbed(nn.Module):
     The input is zero-padded at the bottom/right to a multiple of the stride, so any size works.
     """
 
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, eps: float = 1e-5):
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, eps: float = _LN_EPS):
         super().__init__()
         self.patch_size = patch_size
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
@@ -287,9 +233,9 @@ class MSMLP(nn.Module):
             {"num_chs": dims[i], "reduction": patch_size * 2**i, "module": f"layers.{i}.blocks"}
             for i in range(len(depths))
         ]
-        self.norm = nn.LayerNorm(self.num_features)
+        self.norm = nn.LayerNorm(self.num_features, eps=_LN_EPS)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(init_linear_and_norm)
         self.set_fused(fused)
 
@@ -298,11 +244,6 @@ class MSMLP(nn.Module):
         for module in self.modules():
             if isinstance(module, MixShiftBlock):
                 module.fused = enable
-
-    @torch.jit.ignore
-    def no_weight_decay_keywords(self) -> set[str]:
-        """Parameter-name substrings the reference trains without weight decay."""
-        return {"gamma"}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in backward (torch.utils.checkpoint, non-reentrant) to save memory."""
@@ -315,7 +256,7 @@ class MSMLP(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the classifier (0 removes it: `forward` then returns pooled features)."""
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             init_linear_and_norm(self.head)
 
@@ -353,7 +294,7 @@ class MSMLP(nn.Module):
         """
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt={output_fmt!r}: expected 'NCHW' or 'NHWC'")
-        take = _stage_indices(indices, len(self.layers))
+        take = stage_indices(indices, len(self.layers))
         check_image_batch(x, self.in_chans, self.patch_size, type(self).__name__)
         x = self.patch_embed(x.permute(0, 2, 3, 1))
         maps = []
@@ -388,20 +329,6 @@ class MSMLP(nn.Module):
         if isinstance(self.head, nn.Linear):
             total += self.num_features * self.num_classes
         return total
-
-
-def _stage_indices(indices: int | Sequence[int] | None, n_stages: int) -> set[int]:
-    if indices is None:
-        return set(range(n_stages))
-    if isinstance(indices, int):
-        if not 1 <= indices <= n_stages:
-            raise ValueError(f"indices={indices}: expected 1..{n_stages} (the last n stages)")
-        return set(range(n_stages - indices, n_stages))
-    take = {i % n_stages if -n_stages <= i < n_stages else i for i in indices}
-    bad = [i for i in take if not 0 <= i < n_stages]
-    if bad or not take:
-        raise ValueError(f"indices={list(indices)}: expected stage indices in [0, {n_stages})")
-    return take
 
 
 def _validate_config(img_size, patch_size, in_chans, num_classes, embed_dim, depths, shift_size, shift_dist,

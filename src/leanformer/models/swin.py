@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ._features import stage_indices
 from ._layers import (
     DropPath,
     Mlp,
@@ -318,6 +319,9 @@ class SwinTransformer(nn.Module):
         for stage in self.layers:
             stage.grad_checkpointing = enable
 
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes
         self.head.fc = Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
@@ -352,7 +356,7 @@ class SwinTransformer(nn.Module):
         """
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt={output_fmt!r}: expected 'NCHW' or 'NHWC'")
-        take = _stage_indices(indices, len(self.layers))
+        take = stage_indices(indices, len(self.layers))
         check_image_batch(x, self.in_chans, self.patch_size, type(self).__name__)
         x = self.patch_embed(x)
         maps = []
@@ -380,20 +384,6 @@ class SwinTransformer(nn.Module):
         if isinstance(self.head.fc, nn.Linear):
             total += self.num_features * self.num_classes
         return total
-
-
-def _stage_indices(indices: int | Sequence[int] | None, n_stages: int) -> set[int]:
-    if indices is None:
-        return set(range(n_stages))
-    if isinstance(indices, int):
-        if not 1 <= indices <= n_stages:
-            raise ValueError(f"indices={indices}: expected 1..{n_stages} (the last n stages)")
-        return set(range(n_stages - indices, n_stages))
-    take = {i % n_stages if -n_stages <= i < n_stages else i for i in indices}
-    bad = [i for i in take if not 0 <= i < n_stages]
-    if bad or not take:
-        raise ValueError(f"indices={list(indices)}: expected stage indices in [0, {n_stages})")
-    return take
 
 
 def _validate_config(img_size, patch_size, in_chans, num_classes, embed_dim, depths, num_heads, window_size,
@@ -457,6 +447,13 @@ def _resize_bias_table(table: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 
 def _create_swin(defaults: dict, kwargs: dict) -> SwinTransformer:
     return SwinTransformer(**{**defaults, **kwargs})
+
+
+@register_model
+def swin_nano_patch2_window4_32(**kwargs) -> SwinTransformer:
+    """A compact Swin for small images (32px, 2px patches, 4x4 windows): `leanformer train`'s default."""
+    return _create_swin(dict(img_size=32, patch_size=2, embed_dim=48, depths=(2, 2, 2), num_heads=(3, 6, 12),
+                             window_size=4, drop_path_rate=0.1), kwargs)
 
 
 @register_model

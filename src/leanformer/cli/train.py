@@ -1,0 +1,115 @@
+"""`leanformer train`: train a backbone on digits, MNIST idx files or an image folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from ..train import TrainConfig, Trainer
+from ..train.checkpoint import load_checkpoint_folder, resolve_resume_folder
+
+DEFAULTS = TrainConfig()
+
+# CLI option -> (TrainConfig field, help). Defaults are shown from TrainConfig, the one source of truth.
+OPTIONS = {
+    "--model": ("model", str, "registered backbone to train (see `leanformer models`)"),
+    "--data": ("data", str, "'digits' (embedded, default), a folder of MNIST idx files (.gz is fine), "
+               "or an image folder with one subfolder per class (optionally train/ and val/)"),
+    "--epochs": ("epochs", int, "number of passes over the training split"),
+    "--batch-size": ("batch_size", int, "global batch size, split evenly across torchrun processes"),
+    "--lr": ("lr", float, "peak learning rate of AdamW after warmup (cosine decay to --min-lr)"),
+    "--min-lr": ("min_lr", float, "learning rate at the end of the cosine schedule"),
+    "--weight-decay": ("weight_decay", float, "AdamW weight decay (not applied to norms, biases, position tables)"),
+    "--warmup-epochs": ("warmup_epochs", float, "epochs of linear learning-rate warmup"),
+    "--label-smoothing": ("label_smoothing", float, "label smoothing of the cross-entropy loss"),
+    "--clip-grad": ("clip_grad", float, "clip the gradient norm to this value"),
+    "--img-size": ("img_size", int, "input size images are resized to (default: the data's natural size)"),
+    "--val-fraction": ("val_fraction", float, "share of the data held out for validation when the data has no split"),
+    "--seed": ("seed", int, "seed for model init, data split and order: equal seeds give equal runs on CPU"),
+    "--workers": ("workers", int, "DataLoader worker processes"),
+}
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train a backbone (the main job)",
+        description="Train a backbone with AdamW (warmup + cosine), label smoothing and gradient clipping, "
+        "evaluating every epoch and checkpointing last/ and best/ under --output. With no options: a compact "
+        "Swin on the embedded digits. Multi-process: torchrun --nproc_per_node N -m leanformer train ...",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for flag, (name, kind, text) in OPTIONS.items():
+        p.add_argument(flag, dest=name, type=kind, default=argparse.SUPPRESS,
+                       help=f"{text} (default: {getattr(DEFAULTS, name)})")
+    p.add_argument("--model-arg", dest="model_args", action="append", default=None, metavar="KEY=VALUE",
+                   help="override a model constructor argument, VALUE as JSON (repeatable), "
+                   "e.g. --model-arg drop_path_rate=0 --model-arg 'depths=[2,2,2]'")
+    p.add_argument("--output", type=Path, default=None,
+                   help="folder for checkpoints (last/, best/) and result.json (default: runs/train-<time>)")
+    p.add_argument("--resume", type=Path, default=None,
+                   help="continue the run saved in this folder exactly (its configuration is reused; "
+                   "only --epochs and --workers may change)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
+    p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
+    p.set_defaults(run=run)
+
+
+def parse_model_args(items: list[str] | None) -> dict:
+    """`KEY=VALUE` strings -> dict, VALUE parsed as JSON (bare words stay strings)."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--model-arg {item!r}: expected KEY=VALUE, e.g. drop_path_rate=0.1")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def build_config(args: argparse.Namespace) -> TrainConfig:
+    given = {name: getattr(args, name) for _, (name, _, _) in OPTIONS.items() if hasattr(args, name)}
+    if args.model_args:
+        given["model_kwargs"] = parse_model_args(args.model_args)
+    if args.resume is None:
+        return TrainConfig.from_dict({**DEFAULTS.to_dict(), **given})
+    _, meta = load_checkpoint_folder(resolve_resume_folder(args.resume))
+    saved = meta["config"]
+    fixed = sorted(k for k, v in given.items() if k not in ("epochs", "workers") and v != saved.get(k))
+    if fixed:
+        raise ValueError(f"--resume reuses the saved configuration; cannot change {', '.join(fixed)}")
+    return TrainConfig.from_dict({**saved, **given})
+
+
+def default_output(resume: Path | None) -> Path:
+    """A new timestamped folder, or the run folder being resumed."""
+    if resume is None:
+        return Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
+    folder = resolve_resume_folder(resume)
+    return folder.parent if folder.name in ("last", "best") else folder
+
+
+def run(args: argparse.Namespace) -> int:
+    config = build_config(args)
+    output = args.output or default_output(args.resume)
+    result = Trainer(config, output=output, progress=not args.no_progress).fit(resume=args.resume)
+    if result.rank != 0:
+        return 0
+    summary = {k: v for k, v in result.__dict__.items() if k != "history"}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    rows = [
+        ("model", config.model), ("data", config.data), ("parameters", f"{result.params:,}"),
+        ("processes", result.world_size), ("epochs run", result.epochs_run),
+        ("best val accuracy", f"{result.best_val_acc:.4f}"), ("final val accuracy", f"{result.final_val_acc:.4f}"),
+        ("train time", f"{result.seconds:.1f} s"), ("time per step", f"{result.seconds_per_step * 1e3:.1f} ms"),
+        ("throughput", f"{result.images_per_s:.0f} images/s"), ("peak memory", f"{result.peak_memory_mb:.0f} MB"),
+        ("checkpoints", f"{output}/last, {output}/best"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    return 0

@@ -1,0 +1,123 @@
+"""Image folders in class-per-subfolder layout (`root/<class>/*.png`), optionally pre-split as
+`root/train/<class>/...` + `root/val/<class>/...`.
+
+Images are decoded lazily, one per item, so a folder larger than memory still trains. Every file is
+opened and verified once at load time (Pillow's `verify()` reads headers and checksums, not pixels),
+so an unreadable image is reported up front, naming the file, instead of crashing an epoch midway.
+Images are delivered at DEFAULT_IMG_SIZE unless img_size is given: folders mix sizes, so there is
+no native size to keep. Normalisation statistics come from a seeded sample of at most STATS_SAMPLE
+train images, which estimates the mean/std well without decoding the whole folder at load time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .split import DataSplit, Normalise, channel_stats, stratified_split
+
+DEFAULT_IMG_SIZE = 64
+STATS_SAMPLE = 1000
+EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
+_GREY_MODES = frozenset({"1", "L", "LA"})
+
+
+class ImageFiles(Dataset):
+    """Image files with int64 labels, decoded to `mode`, resized and normalised in __getitem__."""
+
+    def __init__(self, files: list[Path], labels: torch.Tensor, mode: str, normalise: Normalise) -> None:
+        self.files, self.labels, self.mode, self.normalise = files, labels, mode, normalise
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.normalise(_decode(self.files[index], self.mode, self.normalise.size)), self.labels[index]
+
+
+def load_image_folder(root: Path, img_size: int | None, val_fraction: float, seed: int) -> DataSplit:
+    """Train/val from an image folder (see `leanformer.data.load_data`); classes are sorted subfolder names."""
+    train_dir, val_dir = root / "train", root / "val"
+    if train_dir.is_dir() != val_dir.is_dir():
+        present, missing = (train_dir, val_dir) if train_dir.is_dir() else (val_dir, train_dir)
+        raise ValueError(f"{root}: has {present.name}/ but no {missing.name}/; expected both (a train/val layout) "
+                         "or neither (class subfolders, split by val_fraction)")
+    if train_dir.is_dir():
+        class_names = _class_dirs(train_dir)
+        train_files, train_labels = _scan(train_dir, class_names)
+        val_files, val_labels = _scan(val_dir, class_names)
+        source = f"image folder {train_dir} (train) and {val_dir} (val)"
+    else:
+        class_names = _class_dirs(root)
+        files, labels = _scan(root, class_names)
+        train_idx, val_idx = stratified_split(labels, val_fraction, seed)
+        train_files, train_labels = [files[i] for i in train_idx], labels[train_idx]
+        val_files, val_labels = [files[i] for i in val_idx], labels[val_idx]
+        source = f"image folder {root}, stratified split (val_fraction={val_fraction}, seed={seed})"
+    mode = _check_images(train_files + val_files)
+    size = DEFAULT_IMG_SIZE if img_size is None else img_size
+    sample = torch.randperm(len(train_files), generator=torch.Generator().manual_seed(seed))[:STATS_SAMPLE]
+    normalise = Normalise(*channel_stats(_decode(train_files[i], mode, size)[None] for i in sample.sort().values),
+                          size=size)
+    return DataSplit(train=ImageFiles(train_files, train_labels, mode, normalise),
+                     val=ImageFiles(val_files, val_labels, mode, normalise), in_chans=1 if mode == "L" else 3,
+                     num_classes=len(class_names), img_size=size, class_names=class_names,
+                     source=f"{source}, {len(train_files) + len(val_files)} {mode} images")
+
+
+def _class_dirs(root: Path) -> list[str]:
+    """Sorted names of the visible subfolders of `root`, one per class."""
+    names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not names:
+        raise ValueError(f"{root}: no class subfolders; expected one subfolder of PNG/JPEG/BMP images per class")
+    return names
+
+
+def _scan(root: Path, class_names: list[str]) -> tuple[list[Path], torch.Tensor]:
+    """Image files under each root/<class>/ (recursively, sorted), labelled by the class's index in class_names."""
+    names = _class_dirs(root)
+    unknown = sorted(set(names) - set(class_names))
+    if unknown:
+        raise ValueError(f"{root}: classes {unknown} are not among the train classes {class_names}")
+    files, labels = [], []
+    for name in names:
+        found = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
+        if not found:
+            raise ValueError(f"{root / name}: class folder holds no images; expected PNG/JPEG/BMP files "
+                             f"({', '.join(sorted(EXTENSIONS))})")
+        files += found
+        labels += [class_names.index(name)] * len(found)
+    return files, torch.tensor(labels, dtype=torch.long)
+
+
+def _check_images(files: list[Path]) -> str:
+    """Verify every file opens as an image; "L" if all are single-channel, else "RGB"."""
+    grey = True
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                grey = grey and image.mode in _GREY_MODES
+                image.verify()
+        except Exception as err:  # Pillow raises many types for bad files; report them all the same way
+            raise _unreadable(path, err) from err
+    return "L" if grey else "RGB"
+
+
+def _decode(path: Path, mode: str, size: int) -> torch.Tensor:
+    """A float32 (C, size, size) image in [0, 1]; Pillow resizes (antialiased) before the tensor exists."""
+    try:
+        with Image.open(path) as image:
+            resized = image.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
+    except Exception as err:  # verify() passed but decoding failed, e.g. a truncated JPEG
+        raise _unreadable(path, err) from err
+    pixels = torch.from_numpy(np.array(resized, dtype=np.uint8))
+    pixels = pixels.unsqueeze(0) if pixels.dim() == 2 else pixels.permute(2, 0, 1)
+    return pixels.float().div_(255.0)
+
+
+def _unreadable(path: Path, err: Exception) -> ValueError:
+    return ValueError(f"{path}: unreadable or corrupt image ({type(err).__name__}: {err})")

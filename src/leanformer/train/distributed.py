@@ -1,0 +1,102 @@
+"""Multi-process training under `torchrun`: process-group setup and a deterministic sharded sampler.
+
+`torchrun --nproc_per_node N -m leanformer train ...` sets RANK/WORLD_SIZE/LOCAL_RANK; we join the
+group (gloo on CPU, nccl on GPU). The sampler gives every global batch the same samples whatever
+the number of processes, so N processes train exactly like one with the same global batch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed() -> DistContext:
+    """Join the process group torchrun describes in the environment; a single process otherwise."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world_size <= 1:
+        return DistContext(device=torch.device("cuda" if cuda else "cpu"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    return DistContext(dist.get_rank(), world_size, torch.device(f"cuda:{local_rank}" if cuda else "cpu"))
+
+
+def shutdown_distributed(ctx: DistContext) -> None:
+    if ctx.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def sum_across_processes(values: list[float], ctx: DistContext) -> list[float]:
+    """Element-wise sum of a few numbers over all processes (float64, so counts stay exact)."""
+    if not ctx.enabled:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+class ShardedEpochSampler(Sampler[int]):
+    """Shuffled indices for one process, reshuffled per epoch from (seed, epoch).
+
+    Each global batch of `global_batch` indices is cut into `world_size` consecutive slices and
+    this process takes slice `rank`. The trailing partial global batch is dropped (training) or,
+    with `shuffle=False, drop_last=False` (evaluation), the indices are dealt out round-robin.
+    """
+
+    def __init__(self, num_samples: int, global_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle: bool = True, drop_last: bool = True):
+        if global_batch % world_size:
+            raise ValueError(f"batch_size={global_batch} must be divisible by the number of processes ({world_size})")
+        self.num_samples, self.global_batch = num_samples, global_batch
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.num_samples))
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return torch.randperm(self.num_samples, generator=generator).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        order = self._indices()
+        if not self.drop_last:
+            return iter(order[self.rank :: self.world_size])
+        local = self.global_batch // self.world_size
+        usable = len(order) - len(order) % self.global_batch
+        mine = []
+        for start in range(0, usable, self.global_batch):
+            mine.extend(order[start + self.rank * local : start + (self.rank + 1) * local])
+        return iter(mine)
+
+    def __len__(self) -> int:
+        if not self.drop_last:
+            return len(range(self.rank, self.num_samples, self.world_size))
+        return (self.num_samples // self.global_batch) * (self.global_batch // self.world_size)

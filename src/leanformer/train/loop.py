@@ -1,0 +1,222 @@
+"""The reference training loop the CLI runs: small enough to read in one sitting.
+
+`Trainer(config).fit()` builds the data and model, trains with AdamW (warmup + cosine, label
+smoothing, gradient clipping), evaluates every epoch, checkpoints `last/` and `best/` and can
+resume exactly. Two explicit extension points let the other pillars plug in without touching the
+loop:
+
+- `transforms`: functions `model -> model` applied after the model is built and before the
+  optimizer sees its parameters (activation compression, ReLUfication, adapters);
+- `extra_losses`: functions `model -> scalar tensor` added to the task loss after every forward
+  (e.g. a sparsity regulariser).
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .._io import write_json_atomic
+from ..data import load_data
+from ..models import create_model
+from .checkpoint import (
+    load_checkpoint_folder,
+    resolve_resume_folder,
+    restore_training_state,
+    save_checkpoint,
+    training_state_tensors,
+)
+from .config import TrainConfig
+from .distributed import DistContext, ShardedEpochSampler, init_distributed, shutdown_distributed, sum_across_processes
+from .optim import build_optimizer, lr_at, set_lr
+
+ModelTransform = Callable[[nn.Module], nn.Module]
+ExtraLoss = Callable[[nn.Module], torch.Tensor]
+
+
+@dataclass
+class TrainResult:
+    config: dict
+    params: int
+    epochs_run: int
+    steps: int
+    best_val_acc: float
+    final_val_acc: float
+    seconds: float
+    seconds_per_step: float
+    images_per_s: float
+    peak_memory_mb: float
+    world_size: int
+    rank: int
+    output: str | None
+    history: list[dict] = field(default_factory=list)
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# fields a resumed run may change: they do not alter what has been computed so far
+RESUMABLE_CHANGES = ("epochs", "workers")
+
+
+def check_same_run(saved: dict, current: dict) -> None:
+    """Refuse to resume a checkpoint under a different configuration (it would not be the same run)."""
+    changed = sorted(k for k in set(saved) | set(current)
+                     if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
+    if changed:
+        details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in changed)
+        raise ValueError(f"cannot resume: the configuration differs from the checkpoint's ({details})")
+
+
+class Trainer:
+    def __init__(
+        self,
+        config: TrainConfig,
+        output: str | Path | None = None,
+        transforms: Sequence[ModelTransform] = (),
+        extra_losses: Sequence[ExtraLoss] = (),
+        progress: bool = True,
+    ):
+        self.config = config
+        self.output = Path(output) if output is not None else None
+        self.transforms, self.extra_losses = list(transforms), list(extra_losses)
+        self.progress = progress
+
+    def fit(self, resume: str | Path | None = None) -> TrainResult:
+        ctx = init_distributed()
+        try:
+            return self._fit(ctx, resume)
+        finally:
+            shutdown_distributed(ctx)
+
+    # -- building -----------------------------------------------------------------------------
+
+    def _build(self, ctx: DistContext):
+        cfg = self.config
+        data = load_data(cfg.data, img_size=cfg.img_size, val_fraction=cfg.val_fraction, seed=cfg.seed)
+        torch.manual_seed(cfg.seed)
+        model = create_model(cfg.model, in_chans=data.in_chans, num_classes=data.num_classes,
+                             img_size=data.img_size, **cfg.model_kwargs)
+        for transform in self.transforms:
+            model = transform(model)
+        model.to(ctx.device)
+        steps_per_epoch = len(data.train) // cfg.batch_size
+        if steps_per_epoch == 0:
+            raise ValueError(f"batch_size={cfg.batch_size} is larger than the training set ({len(data.train)} images)")
+        train_sampler = ShardedEpochSampler(len(data.train), cfg.batch_size, ctx.rank, ctx.world_size, cfg.seed)
+        val_sampler = ShardedEpochSampler(len(data.val), cfg.batch_size, ctx.rank, ctx.world_size, shuffle=False,
+                                          drop_last=False)
+        local_batch = cfg.batch_size // ctx.world_size
+        train_loader = DataLoader(data.train, batch_size=local_batch, sampler=train_sampler, num_workers=cfg.workers)
+        val_loader = DataLoader(data.val, batch_size=local_batch, sampler=val_sampler, num_workers=cfg.workers)
+        return data, model, train_loader, val_loader, steps_per_epoch
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def _fit(self, ctx: DistContext, resume: str | Path | None) -> TrainResult:
+        cfg = self.config
+        data, model, train_loader, val_loader, steps_per_epoch = self._build(ctx)
+        optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+        start_epoch, step, best_acc, history = 0, 0, 0.0, []
+        if resume is not None:
+            tensors, meta = load_checkpoint_folder(resolve_resume_folder(resume))
+            check_same_run(meta["config"], cfg.to_dict())
+            restore_training_state(model, optimizer, tensors, meta["param_groups"])
+            start_epoch, step, best_acc, history = meta["epoch"], meta["step"], meta["best_val_acc"], meta["history"]
+        net = DistributedDataParallel(model) if ctx.enabled else model
+        total_steps = cfg.epochs * steps_per_epoch
+        warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+        train_seconds, train_steps, val_acc = 0.0, 0, history[-1]["val_acc"] if history else 0.0
+        for epoch in range(start_epoch, cfg.epochs):
+            train_loader.sampler.set_epoch(epoch)
+            started = time.perf_counter()
+            stats = self._train_epoch(net, model, optimizer, train_loader, ctx, epoch, step, total_steps, warmup_steps)
+            train_seconds += time.perf_counter() - started
+            step += steps_per_epoch
+            train_steps += steps_per_epoch
+            val_loss, val_acc = self._evaluate(net, val_loader, ctx)
+            history.append({"epoch": epoch + 1, "step": step, **stats, "val_loss": val_loss, "val_acc": val_acc})
+            improved = val_acc > best_acc
+            best_acc = max(best_acc, val_acc)
+            if ctx.is_main and self.output is not None:
+                self._save(model, optimizer, epoch + 1, step, best_acc, history, improved)
+            if ctx.is_main and self.progress:
+                print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {stats['train_loss']:.4f} "
+                      f"acc {stats['train_acc']:.4f} | val loss {val_loss:.4f} acc {val_acc:.4f}"
+                      f"{' (best)' if improved else ''}", file=sys.stderr)
+        images = train_steps * cfg.batch_size
+        result = TrainResult(
+            config=cfg.to_dict(), params=sum(p.numel() for p in model.parameters()),
+            epochs_run=cfg.epochs - start_epoch,
+            steps=step, best_val_acc=best_acc, final_val_acc=val_acc, seconds=round(train_seconds, 3),
+            seconds_per_step=train_seconds / train_steps if train_steps else 0.0,
+            images_per_s=images / train_seconds if train_seconds else 0.0, peak_memory_mb=peak_memory_mb(),
+            world_size=ctx.world_size, rank=ctx.rank, output=str(self.output) if self.output else None,
+            history=history,
+        )
+        if ctx.is_main and self.output is not None:
+            write_json_atomic(self.output / "result.json", result.__dict__)
+        return result
+
+    def _train_epoch(self, net, model, optimizer, loader, ctx, epoch, step, total_steps, warmup_steps) -> dict:
+        cfg = self.config
+        net.train()
+        loss_sum = correct = seen = 0.0
+        bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False,
+                   disable=not (ctx.is_main and self.progress), file=sys.stderr)
+        started = time.perf_counter()
+        for images, labels in loader:
+            images, labels = images.to(ctx.device), labels.to(ctx.device)
+            set_lr(optimizer, lr_at(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr))
+            logits = net(images)
+            loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+            total = loss + sum((extra(model) for extra in self.extra_losses), torch.zeros((), device=ctx.device))
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            if cfg.clip_grad is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            optimizer.step()
+            step += 1
+            loss_sum += float(loss) * len(labels)
+            correct += float((logits.argmax(1) == labels).sum())
+            seen += len(labels)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
+                            img_s=f"{seen * ctx.world_size / (time.perf_counter() - started):.0f}")
+        bar.close()
+        loss_sum, correct, seen = sum_across_processes([loss_sum, correct, seen], ctx)
+        return {"train_loss": loss_sum / seen, "train_acc": correct / seen}
+
+    @torch.no_grad()
+    def _evaluate(self, net, loader, ctx) -> tuple[float, float]:
+        net.eval()
+        loss_sum = correct = seen = 0.0
+        for images, labels in loader:
+            images, labels = images.to(ctx.device), labels.to(ctx.device)
+            logits = net(images)
+            loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+            correct += float((logits.argmax(1) == labels).sum())
+            seen += len(labels)
+        loss_sum, correct, seen = sum_across_processes([loss_sum, correct, seen], ctx)
+        return loss_sum / seen, correct / seen
+
+    def _save(self, model, optimizer, epoch, step, best_acc, history, improved) -> None:
+        tensors, param_groups = training_state_tensors(model, optimizer)
+        meta = {"epoch": epoch, "step": step, "best_val_acc": best_acc, "history": history,
+                "config": self.config.to_dict(), "param_groups": param_groups}
+        save_checkpoint(self.output / "last", tensors, meta)
+        if improved:
+            save_checkpoint(self.output / "best", tensors, meta)

@@ -1,0 +1,49 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from leanformer.cli.main import main
+
+
+def test_models_json(capsys):
+    assert main(["models", "swin_t*", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows == [{"model": "swin_tiny_patch4_window7_224", "params": 28_288_354, "img_size": 224, "gmacs": 4.494}]
+
+
+def test_models_table_lists_both_families(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "msmlp_tiny" in out and "28,288,354" in out
+
+
+def test_forward_on_digits(capsys):
+    assert main(["forward", "--model", "swin_tiny_patch4_window7_224", "--img-size", "64", "--batch-size", "4",
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["input"] == [4, 1, 64, 64] and result["logits"] == [4, 10]
+    assert len(result["labels"]) == 4
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["forward", "--model", "swin_tiny"], "did you mean"),
+        (["forward", "--batch-size", "0"], "--batch-size"),
+        (["forward", "--checkpoint", "/nonexistent.safetensors"], "does not exist"),
+        (["models", "nothing*"], "no model matches"),
+    ],
+)
+def test_errors_are_one_line_with_exit_code_2(argv, message):
+    proc = subprocess.run([sys.executable, "-m", "leanformer", *argv], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_debug_shows_traceback():
+    proc = subprocess.run([sys.executable, "-m", "leanformer", "--debug", "models", "nothing*"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr

@@ -1,0 +1,86 @@
+"""Real processes: SIGKILL mid-epoch then resume, and 2-process DDP against 1 process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+# a small but real run: compact Swin on 16px digits, no stochastic depth (DDP draws masks per process)
+RUN = ["--model", "swin_nano_patch2_window4_32", "--img-size", "16", "--batch-size", "32", "--lr", "2e-3",
+       "--model-arg", "drop_path_rate=0", "--no-progress"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def train(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "leanformer", "train", *args], capture_output=True, text=True,
+                          env=ENV, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+def final_weights(folder: Path) -> dict[str, torch.Tensor]:
+    state = next((folder / "last").glob("state-*.safetensors"))
+    return {k: v for k, v in load_file(str(state)).items() if k.startswith("model.")}
+
+
+def completed_epochs(folder: Path) -> int:
+    try:
+        return json.loads((folder / "last" / "meta.json").read_text())["epoch"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return 0
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    train(*RUN, "--epochs", "3", "--output", str(straight))
+
+    proc = subprocess.Popen([sys.executable, "-m", "leanformer", "train", *RUN, "--epochs", "3", "--output",
+                             str(killed)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while completed_epochs(killed) < 1 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert completed_epochs(killed) == 1, "the run should have finished its first epoch"
+    time.sleep(0.5)  # well inside the second epoch
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert completed_epochs(killed) == 1, "killed too late: the second epoch had already ended"
+
+    train("--resume", str(killed), "--no-progress")
+    assert completed_epochs(killed) == 3
+    expected, got = final_weights(straight), final_weights(killed)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+
+
+def test_resume_refuses_a_changed_configuration(tmp_path):
+    train(*RUN, "--epochs", "1", "--output", str(tmp_path))
+    proc = subprocess.run([sys.executable, "-m", "leanformer", "train", "--resume", str(tmp_path), "--lr", "1.0"],
+                          capture_output=True, text=True, env=ENV, timeout=120)
+    assert proc.returncode == 2 and "cannot change lr" in proc.stderr
+
+
+def test_two_process_ddp_matches_one_process(tmp_path):
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    train(*RUN, "--epochs", "1", "--output", str(single))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           "-m", "leanformer", "train", *RUN, "--epochs", "1", "--output", str(ddp), "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert summary["world_size"] == 2
+    expected, got = final_weights(single), final_weights(ddp)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-4, msg=key)
+    meta_single = json.loads((single / "last" / "meta.json").read_text())
+    meta_ddp = json.loads((ddp / "last" / "meta.json").read_text())
+    assert meta_ddp["history"][0]["val_acc"] == pytest.approx(meta_single["history"][0]["val_acc"], abs=2e-3)
