@@ -130,9 +130,9 @@ def _read_idx(path: Path, magic: int, ndim: int) -> torch.Tensor:
     except (OSError, EOFError, zlib.error) as err:
         raise ValueError(f"{path}: cannot read the file ({err})") from err
     if len(body) != expected:
-        raise ValueError(f"{path}: size does not match header: header gives shape {tuple(dims)}, "
-                         f"{header_size + expected} bytes; the file holds {header_size + len(body)}"
-                         f"{' or more' if len(body) > expected else ''}")
+        found = f"{header_size + len(body)}{' or more' if len(body) > expected else ''}"
+        raise ValueError(f"{path}: size does not match header: shape {tuple(dims)} needs {header_size + expected} "
+                         f"bytes (uncompressed), found {found}")
     if expected == 0:
         raise ValueError(f"{path}: idx file holds no items (shape {tuple(dims)})")
     return torch.frombuffer(bytearray(body), dtype=torch.uint8).reshape(dims)
