@@ -17,8 +17,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 run: $(VENV)/.installed
-	$(VENV)/bin/leanformer models
-	$(VENV)/bin/leanformer forward --model swin_tiny_patch4_window7_224 --data digits --batch-size 8
+	$(VENV)/bin/leanformer train
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -47,3 +47,46 @@ def test_debug_shows_traceback():
     proc = subprocess.run([sys.executable, "-m", "leanformer", "--debug", "models", "nothing*"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def run_cli(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "leanformer", *argv], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--data", "/no/such/folder"], "/no/such/folder"),
+        (["--epochs", "0"], "epochs"),
+        (["--model-arg", "drop_path_rate"], "KEY=VALUE"),
+        (["--model", "swin_tiny_patch4_window7_224", "--model-arg", "depths=[2]"], "depths"),
+        (["--resume", "/no/such/run"], "/no/such/run"),
+    ],
+)
+def test_train_errors_are_one_line_with_exit_code_2(argv, message, tmp_path):
+    proc = run_cli("train", "--output", str(tmp_path / "out"), *argv)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_train_on_an_empty_folder_names_it(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = run_cli("train", "--data", str(tmp_path / "empty"), "--output", str(tmp_path / "out"))
+    assert proc.returncode == 2 and str(tmp_path / "empty") in proc.stderr
+
+
+def test_train_help_explains_every_option():
+    proc = run_cli("train", "--help")
+    assert proc.returncode == 0
+    for flag in ("--model", "--data", "--epochs", "--batch-size", "--lr", "--img-size", "--seed", "--output",
+                 "--resume", "--workers", "--json", "--model-arg"):
+        assert flag in proc.stdout
+
+
+def test_train_json_summary(tmp_path):
+    proc = run_cli("train", "--img-size", "16", "--epochs", "1", "--batch-size", "64", "--no-progress", "--json",
+                   "--output", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["epochs_run"] == 1 and 0.0 <= summary["best_val_acc"] <= 1.0 and summary["params"] > 0
+    assert (tmp_path / "best" / "meta.json").is_file() and (tmp_path / "result.json").is_file()

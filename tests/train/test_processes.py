@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,6 +31,24 @@ def train(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 def final_weights(folder: Path) -> dict[str, torch.Tensor]:
     state = next((folder / "last").glob("state-*.safetensors"))
     return {k: v for k, v in load_file(str(state)).items() if k.startswith("model.")}
+
+
+def without_key_bias(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the key third of each qkv bias: softmax is shift-invariant, so its true gradient is exactly 0
+    and AdamW turns the rounding noise left in it (which differs with the reduction order) into lr-sized
+    steps. Every other weight must match."""
+    out = dict(weights)
+    for name, value in weights.items():
+        if name.endswith("attn.qkv.bias"):
+            q, _, v = value.chunk(3)
+            out[name] = torch.cat([q, v])
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def completed_epochs(folder: Path) -> int:
@@ -72,15 +91,15 @@ def test_resume_refuses_a_changed_configuration(tmp_path):
 def test_two_process_ddp_matches_one_process(tmp_path):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     train(*RUN, "--epochs", "1", "--output", str(single))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "leanformer", "train", *RUN, "--epochs", "1", "--output", str(ddp), "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert summary["world_size"] == 2
-    expected, got = final_weights(single), final_weights(ddp)
+    expected, got = without_key_bias(final_weights(single)), without_key_bias(final_weights(ddp))
     for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-4, msg=key)
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-5, msg=key)
     meta_single = json.loads((single / "last" / "meta.json").read_text())
     meta_ddp = json.loads((ddp / "last" / "meta.json").read_text())
     assert meta_ddp["history"][0]["val_acc"] == pytest.approx(meta_single["history"][0]["val_acc"], abs=2e-3)
