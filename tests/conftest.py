@@ -29,6 +29,16 @@ def load_reference_fixture(name: str) -> dict:
         }
 
 
+def assert_rejects_bad_images(model: torch.nn.Module, size: int) -> None:
+    """Wrong channel count, too-small image and wrong rank each raise a ValueError that says so."""
+    with pytest.raises(ValueError, match="input channels"):
+        model(torch.randn(1, 1, size, size))
+    with pytest.raises(ValueError, match="smaller than the patch size"):
+        model(torch.randn(1, 3, 2, size))
+    with pytest.raises(ValueError, match="NCHW"):
+        model(torch.randn(3, size, size))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

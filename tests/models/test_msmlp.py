@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
+from tests.conftest import assert_rejects_bad_images, load_reference_fixture
 
 from leanformer.models._registry import create_model
 from leanformer.models.msmlp import MSMLP, MixShiftBlock, chunk_sizes, msmlp_base, msmlp_small, msmlp_tiny
 
-FIXTURE = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "msmlp_reference_small.safetensors"
 SMALL = dict(img_size=64, embed_dim=10, depths=(1, 1, 2, 1), num_classes=7, drop_path_rate=0.0)
 
 
@@ -37,13 +33,10 @@ def test_chunk_sizes_match_torch_chunk():
         assert chunk_sizes(dim, 5) == [t.shape[0] for t in torch.chunk(torch.zeros(dim), 5)]
 
 
-@pytest.mark.skipif(not FIXTURE.exists(), reason="reference fixture not available")
 def test_reference_fixture_parity(tmp_path):
-    with safe_open(str(FIXTURE), "pt") as f:
-        config = json.loads(f.metadata()["config"])
-        names = f.keys()
-        state = {k.removeprefix("state."): f.get_tensor(k) for k in names if k.startswith("state.")}
-        x, features, logits = f.get_tensor("input"), f.get_tensor("features"), f.get_tensor("logits")
+    ref = load_reference_fixture("msmlp_reference_small.safetensors")
+    config, state = ref["config"], ref["state"]
+    x, features, logits = ref["input"], ref["features"], ref["logits"]
     path = tmp_path / "reference.safetensors"
     save_file(state, str(path))
     model = create_model("msmlp_tiny", checkpoint_path=path, **config).eval()
@@ -192,13 +185,7 @@ def test_bad_config_names_field(kwargs, field):
 
 
 def test_bad_inputs():
-    model = small_model()
-    with pytest.raises(ValueError, match="input channels"):
-        model(torch.randn(1, 1, 32, 32))
-    with pytest.raises(ValueError, match="smaller than the patch size"):
-        model(torch.randn(1, 3, 2, 32))
-    with pytest.raises(ValueError, match="NCHW"):
-        model(torch.randn(3, 32, 32))
+    assert_rejects_bad_images(small_model(), 32)
 
 
 def test_timm_create_model():

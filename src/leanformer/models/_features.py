@@ -8,8 +8,13 @@ import torch
 import torch.nn as nn
 
 
-def stage_indices(indices: int | Sequence[int] | None, n_stages: int) -> set[int]:
-    """timm's `indices` argument: None = all stages, int n = the last n, or explicit (negative ok) indices."""
+def stage_indices(indices: int | Sequence[int] | None, n_stages: int, output_fmt: str = "NCHW") -> set[int]:
+    """Validate `forward_intermediates` arguments; return the stages to keep.
+
+    `indices` as timm takes it: None = all stages, int n = the last n, or explicit (negative ok) indices.
+    """
+    if output_fmt not in ("NCHW", "NHWC"):
+        raise ValueError(f"output_fmt={output_fmt!r}: expected 'NCHW' or 'NHWC'")
     if indices is None:
         return set(range(n_stages))
     if isinstance(indices, int):

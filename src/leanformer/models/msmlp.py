@@ -292,9 +292,7 @@ class MSMLP(nn.Module):
         final LayerNorm channel-wise to the last stage's map. Returns the maps, or
         (`forward_features` output, maps).
         """
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt={output_fmt!r}: expected 'NCHW' or 'NHWC'")
-        take = stage_indices(indices, len(self.layers))
+        take = stage_indices(indices, len(self.layers), output_fmt)
         check_image_batch(x, self.in_chans, self.patch_size, type(self).__name__)
         x = self.patch_embed(x.permute(0, 2, 3, 1))
         maps = []

@@ -354,9 +354,7 @@ class SwinTransformer(nn.Module):
         `indices`: stage indices, or an int n for the last n stages (default all). `norm` applies
         the final LayerNorm to the last stage's map. Returns the maps, or (final features, maps).
         """
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt={output_fmt!r}: expected 'NCHW' or 'NHWC'")
-        take = stage_indices(indices, len(self.layers))
+        take = stage_indices(indices, len(self.layers), output_fmt)
         check_image_batch(x, self.in_chans, self.patch_size, type(self).__name__)
         x = self.patch_embed(x)
         maps = []

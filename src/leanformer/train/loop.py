@@ -190,7 +190,7 @@ class Trainer:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
             optimizer.step()
             step += 1
-            loss_sum += float(loss) * len(labels)
+            loss_sum += loss.item() * len(labels)
             correct += float((logits.argmax(1) == labels).sum())
             seen += len(labels)
             bar.update(1)
