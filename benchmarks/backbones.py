@@ -69,12 +69,12 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(result["models"])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
     for ax, mode in zip(axes, ("forward", "forward_backward"), strict=True):
         values = [result["models"][n][mode]["images_per_s"] for n in names]
         bars = ax.barh(names, values, color=["#999999", "#2a6fdb", "#8fb3ee", "#3aa36b", "#a6d8b9"][: len(names)])
         ax.bar_label(bars, fmt="%.1f", padding=3)
-        ax.set_title(f"{mode.replace('_', ' + ')} (images/s, higher is better)")
+        ax.set_title(f"{mode.replace('_', ' + ')}: images/s")
         ax.invert_yaxis()
         ax.margins(x=0.2)
     m = result["machine"]
