@@ -29,6 +29,7 @@ OPTIONS = {
     "--val-fraction": ("val_fraction", float, "share of the data held out for validation when the data has no split"),
     "--seed": ("seed", int, "seed for model init, data split and order: equal seeds give equal runs on CPU"),
     "--workers": ("workers", int, "DataLoader worker processes"),
+    "--compress": ("compress", str, "store activations saved for backward in 8/4/2 bits (Mesa) or exactly (none)"),
 }
 
 
@@ -108,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
         ("best val accuracy", f"{result.best_val_acc:.4f}"), ("final val accuracy", f"{result.final_val_acc:.4f}"),
         ("train time", f"{result.seconds:.1f} s"), ("time per step", f"{result.seconds_per_step * 1e3:.1f} ms"),
         ("throughput", f"{result.images_per_s:.0f} images/s"), ("peak memory", f"{result.peak_memory_mb:.0f} MB"),
+        ("saved activations", f"{result.saved_activation_mb:.1f} MiB per step ({config.compress}: "
+                              f"{result.saved_activation_ratio:.3f}x exact)"),
         ("checkpoints", f"{output}/last, {output}/best"),
     ]
     width = max(len(k) for k, _ in rows)

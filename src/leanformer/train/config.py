@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 DEFAULT_MODEL = "swin_nano_patch2_window4_32"
+COMPRESS_CHOICES = ("none", "int8", "int4", "int2")
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class TrainConfig:
     val_fraction: float = 0.2
     seed: int = 0
     workers: int = 0
+    compress: str = "none"
     model_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -54,6 +56,8 @@ class TrainConfig:
             raise ValueError(f"img_size={self.img_size!r}: expected a positive integer or None (the data's size)")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction={self.val_fraction}: expected a number strictly between 0 and 1")
+        if self.compress not in COMPRESS_CHOICES:
+            raise ValueError(f"compress={self.compress!r}: expected one of {', '.join(COMPRESS_CHOICES)}")
         if not isinstance(self.workers, int) or self.workers < 0:
             raise ValueError(f"workers={self.workers!r}: expected an integer >= 0")
 

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from .._io import write_json_atomic
 from ..data import load_data
+from ..memory import CompressionConfig, compress_activations, saved_activation_bytes
 from ..models import create_model
 from .checkpoint import (
     load_checkpoint_folder,
@@ -57,6 +58,8 @@ class TrainResult:
     seconds_per_step: float
     images_per_s: float
     peak_memory_mb: float
+    saved_activation_mb: float
+    saved_activation_ratio: float
     world_size: int
     rank: int
     output: str | None
@@ -94,6 +97,7 @@ class Trainer:
         self.output = Path(output) if output is not None else None
         self.transforms, self.extra_losses = list(transforms), list(extra_losses)
         self.progress = progress
+        self.activations = None  # saved-activation accounting of the run's first training step
 
     def fit(self, resume: str | Path | None = None) -> TrainResult:
         ctx = init_distributed()
@@ -110,6 +114,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         model = create_model(cfg.model, in_chans=data.in_chans, num_classes=data.num_classes,
                              img_size=data.img_size, **cfg.model_kwargs)
+        compression = CompressionConfig.from_name(cfg.compress)
+        if compression is not None:
+            model = compress_activations(model, compression)
         for transform in self.transforms:
             model = transform(model)
         model.to(ctx.device)
@@ -164,6 +171,8 @@ class Trainer:
             steps=step, best_val_acc=best_acc, final_val_acc=val_acc, seconds=round(train_seconds, 3),
             seconds_per_step=train_seconds / train_steps if train_steps else 0.0,
             images_per_s=images / train_seconds if train_seconds else 0.0, peak_memory_mb=peak_memory_mb(),
+            saved_activation_mb=self.activations.stored_bytes / 2**20 if self.activations else 0.0,
+            saved_activation_ratio=self.activations.ratio if self.activations else 1.0,
             world_size=ctx.world_size, rank=ctx.rank, output=str(self.output) if self.output else None,
             history=history,
         )
@@ -181,7 +190,11 @@ class Trainer:
         for images, labels in loader:
             images, labels = images.to(ctx.device), labels.to(ctx.device)
             set_lr(optimizer, lr_at(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr))
-            logits = net(images)
+            if self.activations is None:  # measure what the first step keeps for backward
+                with saved_activation_bytes(model) as self.activations:
+                    logits = net(images)
+            else:
+                logits = net(images)
             loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
             total = loss + sum((extra(model) for extra in self.extra_losses), torch.zeros((), device=ctx.device))
             optimizer.zero_grad(set_to_none=True)

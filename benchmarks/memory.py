@@ -1,0 +1,176 @@
+"""Activation memory: exact vs int8 vs int4 vs per-stage gradient checkpointing, on training steps.
+
+For each model (`swin_tiny_patch4_window7_224`, `msmlp_tiny`; fp32, batch 8 at 224 px, same
+weights and data) and each variant:
+
+- saved-activation bytes (what autograd keeps for backward, `saved_activation_bytes`) and the
+  ratio to exact: measured in this process (not for checkpointing, whose recomputation keeps
+  tensors outside saved-tensor hooks);
+- process peak memory (`ru_maxrss`) and step time (median of `--steps` after warm-up): each
+  variant in its own fresh process, so peaks do not mix;
+- parameter-gradient relative L2 error against exact on the same batch (int8/int4/int2).
+
+Writes benchmarks/results/memory.json and memory.png.
+
+    python benchmarks/memory.py            # full run (several minutes on 2 cores)
+    python benchmarks/memory.py --quick    # tiny shapes: checks the script works
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from leanformer import create_model
+from leanformer._io import write_json_atomic
+from leanformer.memory import CompressionConfig, compress_activations, saved_activation_bytes
+
+try:
+    from benchmarks._common import RESULTS, machine_info
+except ImportError:  # run as a script from the benchmarks folder
+    from _common import RESULTS, machine_info
+
+MODELS = ("swin_tiny_patch4_window7_224", "msmlp_tiny")
+VARIANTS = ("exact", "int8", "int4", "checkpoint")
+QUICK_ARGS = {"swin_tiny_patch4_window7_224": dict(img_size=32, embed_dim=24, depths=(2, 2), num_heads=(2, 4),
+                                                   window_size=4),
+              "msmlp_tiny": dict(img_size=32, embed_dim=20, depths=(1, 1), mix_size=[[1, 1, 3, 5, 7]] * 2)}
+
+
+def build(name: str, variant: str, quick: bool) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = create_model(name, drop_path_rate=0.0, **(QUICK_ARGS[name] if quick else {})).train()
+    if variant == "checkpoint":
+        model.set_grad_checkpointing(True)
+    elif variant != "exact":
+        compress_activations(model, CompressionConfig.from_name(variant))
+    return model
+
+
+def batch(model: torch.nn.Module, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(batch_size, 3, model.img_size, model.img_size, generator=generator)
+    return x, torch.randint(0, model.num_classes, (batch_size,), generator=generator)
+
+
+def train_step(model, x, y) -> None:
+    model.zero_grad(set_to_none=True)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+
+
+def worker(name: str, variant: str, batch_size: int, steps: int, quick: bool) -> dict:
+    """Runs in a fresh process: step time and peak memory of one variant alone."""
+    model = build(name, variant, quick)
+    x, y = batch(model, batch_size)
+    for _ in range(2):
+        train_step(model, x, y)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        train_step(model, x, y)
+        times.append(time.perf_counter() - start)
+    return {"step_s": statistics.median(times), "steps_s": [round(t, 4) for t in times],
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def in_fresh_process(name: str, variant: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", name, variant, "--batch-size", str(args.batch_size),
+           "--steps", str(args.steps)] + (["--quick"] if args.quick else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def grads(model, x, y) -> dict[str, torch.Tensor]:
+    train_step(model, x, y)
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def in_process_figures(name: str, args) -> dict:
+    """Saved bytes per variant and gradient error vs exact, same weights and batch."""
+    exact_model = build(name, "exact", args.quick)
+    x, y = batch(exact_model, args.batch_size)
+    with saved_activation_bytes(exact_model) as exact_report:
+        exact_model(x)
+    exact_grads = grads(exact_model, x, y)
+    out = {"exact": {"saved_mb": exact_report.stored_bytes / 2**20, "saved_ratio": 1.0, "grad_rel_error": 0.0}}
+    for variant in ("int8", "int4", "int2"):
+        model = compress_activations(copy.deepcopy(exact_model), CompressionConfig.from_name(variant))
+        train_step(model, x, y)  # first batch initialises the running ranges, as in training
+        with saved_activation_bytes(model) as report:
+            model(x)
+        got = grads(model, x, y)
+        num = sum(float((got[k] - exact_grads[k]).pow(2).sum()) for k in exact_grads)
+        den = sum(float(exact_grads[k].pow(2).sum()) for k in exact_grads)
+        out[variant] = {"saved_mb": report.stored_bytes / 2**20, "saved_ratio": report.stored_bytes /
+                        exact_report.stored_bytes, "grad_rel_error": (num / den) ** 0.5}
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    colors = {"exact": "#999999", "int8": "#2a6fdb", "int4": "#8fb3ee", "checkpoint": "#3aa36b"}
+    for ax, (metric, label) in zip(axes, (("saved_mb", "saved activations (MiB)"), ("peak_rss_mb", "process peak (MB)"),
+                                          ("step_s", "step time (s)")), strict=True):
+        width = 0.2
+        for i, variant in enumerate(VARIANTS):
+            values = [result["models"][m][variant].get(metric) or 0 for m in result["models"]]
+            ax.bar([j + i * width for j in range(len(values))], values, width, label=variant, color=colors[variant])
+        ax.set_xticks([j + 1.5 * width for j in range(len(result["models"]))],
+                      [m.split("_patch")[0] for m in result["models"]])
+        ax.set_title(label)
+    axes[0].legend(fontsize=8)
+    m = result["machine"]
+    fig.suptitle(f"training step, batch {result['batch_size']}, fp32 — {m['cpu']}, {m['torch_threads']} threads",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (median reported)")
+    parser.add_argument("--quick", action="store_true", help="tiny models: a smoke test, not a result")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--worker", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(*args.worker, args.batch_size, args.steps, args.quick)))
+        return None
+    result = {"machine": machine_info(), "batch_size": args.batch_size, "steps": args.steps, "quick": args.quick,
+              "models": {}}
+    for name in MODELS:
+        figures = in_process_figures(name, args)
+        rows = {}
+        for variant in VARIANTS:
+            rows[variant] = {**figures.get(variant, {}), **in_fresh_process(name, variant, args)}
+        rows["int2"] = figures["int2"]
+        for variant in VARIANTS:
+            rows[variant]["peak_ratio"] = rows[variant]["peak_rss_mb"] / rows["exact"]["peak_rss_mb"]
+            rows[variant]["time_ratio"] = rows[variant]["step_s"] / rows["exact"]["step_s"]
+        result["models"][name] = rows
+        for variant, row in rows.items():
+            print(f"{name:<30} {variant:<10} " + "  ".join(
+                f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)))
+    write_json_atomic(args.out / "memory.json", result)
+    plot(result, args.out / "memory.png")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,312 @@
+"""Activation-compressed training: exact forward, low-bit activations saved for backward.
+
+Mesa (Pan et al., "Mesa: A Memory-saving Training Framework for Transformers", 2021) keeps the
+forward exact but stores what autograd saves for backward in 8 bits, with per-head groups and
+running-estimate ranges; ActNN (Chen et al. 2021) and GACT (Liu et al. 2022) do the same for
+conv nets and through saved-tensor hooks. Here one mechanism covers any `nn.Module`:
+`torch.autograd.graph.saved_tensors_hooks` sees every tensor any op keeps for backward (module or
+functional call alike), so nothing has to be replaced by hand.
+
+- The forward is untouched: only the copy kept for backward is quantised (8/4/2 bits, bit-packed),
+  and ReLU outputs are kept as 1-bit masks, which is all their backward needs.
+- Parameters and buffers, integer/bool tensors, tiny tensors and tensors holding NaN/Inf are kept
+  exact (so a NaN propagates into the gradient exactly as without compression).
+- A tensor saved by several ops is stored once.
+- Running ranges are per site (module, op kind, order of the save within the module's forward) and
+  per group; values outside are clamped, never wrapped, and counted (`stats()`).
+- Exclusion by op kind (`ops`) and by module-name pattern (`exclude_modules`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from torch.overrides import TorchFunctionMode
+
+from . import quantize as Q
+from ._tracking import ModuleTracker
+from .measure import active_report, parameter_storages, storage_key
+
+OP_KINDS = ("linear", "conv", "norm", "activation", "attention", "other")
+_GROUPS = ("head", "channel", "tensor")
+
+# functional calls (seen by a TorchFunctionMode) and leaf module classes -> op kind
+_FUNCTION_KINDS = {
+    "linear": "linear", "addmm": "linear",
+    "conv1d": "conv", "conv2d": "conv", "conv3d": "conv", "conv_transpose2d": "conv",
+    "layer_norm": "norm", "group_norm": "norm", "batch_norm": "norm", "rms_norm": "norm",
+    "gelu": "activation", "silu": "activation", "relu": "activation", "mish": "activation", "tanh": "activation",
+    "sigmoid": "activation", "threshold": "activation",
+    "softmax": "attention", "scaled_dot_product_attention": "attention", "matmul": "attention", "bmm": "attention",
+    "__matmul__": "attention", "baddbmm": "attention", "einsum": "attention",
+}
+_MODULE_KINDS = (
+    (nn.Linear, "linear"), ((nn.Conv1d, nn.Conv2d, nn.Conv3d), "conv"),
+    ((nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d), "norm"),
+    ((nn.GELU, nn.SiLU, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Mish), "activation"), (nn.Softmax, "attention"),
+)
+_RELU_FUNCTIONS = {"relu", "relu_", "threshold"}
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """How activations saved for backward are stored.
+
+    bits: 8, 4 or 2 per value (ReLU outputs always take 1 bit).
+    group: "head" (one range per head for 4-D tensors such as q/k/v and attention maps, per channel
+        otherwise), "channel", "tensor", or a group size (consecutive elements).
+    range: "running" (Mesa: EMA of per-group min/max, from the first batch) or "batch".
+    ema_decay: weight of the old running range per training forward (Mesa: 0.9).
+    rounding: "stochastic" (unbiased) or "nearest".
+    ops: op kinds to compress, from OP_KINDS.
+    exclude_modules: fnmatch patterns of module names whose saved tensors stay exact.
+    min_numel: tensors with fewer elements stay exact (not worth it).
+    """
+
+    bits: int = 8
+    group: str | int = "head"
+    range: str = "running"
+    ema_decay: float = 0.9
+    rounding: str = "stochastic"
+    ops: tuple[str, ...] = OP_KINDS
+    exclude_modules: tuple[str, ...] = ()
+    min_numel: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.bits not in (8, 4, 2):
+            raise ValueError(f"bits={self.bits!r}: expected one of 8, 4, 2")
+        if not (self.group in _GROUPS or (isinstance(self.group, int) and not isinstance(self.group, bool)
+                                          and self.group > 0)):
+            raise ValueError(f"group={self.group!r}: expected one of {_GROUPS} or a positive group size")
+        if self.range not in ("running", "batch"):
+            raise ValueError(f"range={self.range!r}: expected 'running' or 'batch'")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay={self.ema_decay!r}: expected a number in [0, 1)")
+        if self.rounding not in ("stochastic", "nearest"):
+            raise ValueError(f"rounding={self.rounding!r}: expected 'stochastic' or 'nearest'")
+        object.__setattr__(self, "ops", tuple(self.ops))
+        object.__setattr__(self, "exclude_modules", tuple(self.exclude_modules))
+        unknown = [op for op in self.ops if op not in OP_KINDS]
+        if unknown:
+            raise ValueError(f"ops={list(self.ops)!r}: unknown kind(s) {unknown}; expected kinds from {OP_KINDS}")
+        if not isinstance(self.min_numel, int) or self.min_numel < 0:
+            raise ValueError(f"min_numel={self.min_numel!r}: expected an integer >= 0")
+
+    @classmethod
+    def from_name(cls, name: str) -> CompressionConfig | None:
+        """'int8' | 'int4' | 'int2' -> a config with defaults otherwise; 'none' -> None (the CLI's values)."""
+        presets = {"int8": 8, "int4": 4, "int2": 2}
+        if name == "none":
+            return None
+        if name not in presets:
+            raise ValueError(f"compression {name!r}: expected one of int8, int4, int2, none")
+        return cls(bits=presets[name])
+
+
+class _CurrentFunction(TorchFunctionMode):
+    """Remembers the name of the torch function being run, so a saved tensor can be attributed to it."""
+
+    def __init__(self):
+        super().__init__()
+        self.name: str | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        previous, self.name = self.name, getattr(func, "__name__", None)
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            self.name = previous
+
+
+@dataclass
+class _Stored:
+    """What the pack hook returns: a compressed tensor, a 1-bit mask, or the tensor itself."""
+
+    kind: str  # "raw" | "quantized" | "mask"
+    payload: object
+    shape: torch.Size | None = None
+    dtype: torch.dtype | None = None
+    _unpacked: weakref.ref | None = field(default=None, repr=False)
+
+    def unpack(self) -> torch.Tensor:
+        if self.kind == "raw":
+            return self.payload
+        cached = self._unpacked() if self._unpacked is not None else None
+        if cached is not None:  # the same tensor saved by two ops: decompress once
+            return cached
+        if self.kind == "mask":
+            out = Q.unpack_mask(self.payload, self.shape).to(self.dtype)
+        else:
+            out = Q.dequantize(self.payload)
+        self._unpacked = weakref.ref(out)
+        return out
+
+
+class ActivationCompressor:
+    """The state behind `compress_activations`: hooks, running ranges, dedup cache and statistics."""
+
+    def __init__(self, model: nn.Module, config: CompressionConfig):
+        self.model, self.config = model, config
+        self.running: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.clipped = 0
+        self.quantized_values = 0
+        self._mode = _CurrentFunction()
+        self._excluded = 0
+        self._save_index: dict[str, int] = {}
+        self._cache: dict[tuple, tuple[weakref.ref, _Stored]] = {}
+        self._params: set = set()
+        self._context: list = []
+        self._seed = torch.initial_seed()
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._pools: dict[torch.device, torch.Tensor] = {}
+        self._tracker = ModuleTracker(model, on_enter=self._enter, on_exit=self._exit)
+
+    # -- entering and leaving the model's forward ---------------------------------------------------
+
+    def _enter(self, name: str, module: nn.Module) -> None:
+        if module is self.model:
+            self._params = parameter_storages(self.model)
+            self._save_index.clear()
+            hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, _Stored.unpack)
+            hooks.__enter__()
+            self._mode.__enter__()
+            self._context = [hooks]
+        elif name and any(fnmatch.fnmatch(name, p) for p in self.config.exclude_modules):
+            self._excluded += 1
+
+    def _exit(self, name: str, module: nn.Module) -> None:
+        if module is self.model:
+            self._mode.__exit__(None, None, None)
+            self._context.pop().__exit__(None, None, None)
+            self._cache.clear()
+        elif name and any(fnmatch.fnmatch(name, p) for p in self.config.exclude_modules):
+            self._excluded -= 1
+
+    # -- the pack hook -------------------------------------------------------------------------------
+
+    def _op_kind(self, module: nn.Module | None) -> str:
+        kind = _FUNCTION_KINDS.get(self._mode.name or "")
+        if kind is None and module is not None:
+            kind = next((k for cls, k in _MODULE_KINDS if isinstance(module, cls)), None)
+        return kind or "other"
+
+    def _keep(self, x: torch.Tensor, module: str) -> _Stored:
+        report = active_report()
+        if report is not None and storage_key(x) not in self._params:
+            nbytes = x.untyped_storage().nbytes()
+            report.record(module, ("raw", storage_key(x)), nbytes, nbytes)
+        return _Stored("raw", x)
+
+    def pack(self, x: torch.Tensor) -> _Stored:
+        module_name, module = self._tracker.current
+        cfg = self.config
+        if (self._excluded or not x.is_floating_point() or x.numel() < cfg.min_numel
+                or storage_key(x) in self._params):
+            return self._keep(x, module_name)
+        kind = self._op_kind(module)
+        if kind not in cfg.ops:
+            return self._keep(x, module_name)
+        if self._mode.name in _RELU_FUNCTIONS or isinstance(module, nn.ReLU):
+            # ReLU's backward needs only where its output is positive; the mask serves that op alone
+            stored = _Stored("mask", Q.pack_mask(x > 0), x.shape, x.dtype)
+            nbytes = stored.payload.numel()
+        else:
+            key = (storage_key(x), x.storage_offset(), tuple(x.shape), x.stride(), x.dtype, x._version)
+            hit = self._cache.get(key)
+            if hit is not None and hit[0]() is x:
+                return hit[1]
+            stored = self._quantize(x, module_name, kind)
+            if stored is None:  # NaN/Inf: keep exact so backward sees what it would without compression
+                return self._keep(x, module_name)
+            nbytes = stored.payload.nbytes()
+            self._cache[key] = (weakref.ref(x), stored)
+        report = active_report()
+        if report is not None:
+            report.record(module_name, ("stored", id(stored)), nbytes, x.numel() * x.element_size())
+        return stored
+
+    def _quantize(self, x: torch.Tensor, module_name: str, kind: str) -> _Stored | None:
+        cfg = self.config
+        group = cfg.group if cfg.group != "head" or x.ndim == 4 else "channel"
+        lo, hi = Q.group_minmax(x, group)
+        if not Q.ranges_are_finite(lo, hi):
+            return None
+        if cfg.range == "running" and not isinstance(group, int):
+            index = self._save_index.get(module_name, 0)
+            self._save_index[module_name] = index + 1
+            site = (module_name, kind, index, tuple(lo.shape))
+            if self.model.training:  # pack hooks run only when autograd saves, i.e. in a grad-enabled forward
+                self.running[site] = Q.ema_update(self.running.get(site), (lo, hi), cfg.ema_decay)
+            lo, hi = self.running.get(site, (lo, hi))
+        stochastic = cfg.rounding == "stochastic"
+        q = Q.quantize(x, cfg.bits, group, lo=lo, hi=hi, stochastic=stochastic, generator=self._generator(x.device),
+                       noise_pool=self._noise_pool(x.device) if stochastic else None)
+        self.clipped += int(q.clipped)
+        self.quantized_values += x.numel()
+        return _Stored("quantized", q)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """A private RNG for stochastic rounding, so dropout and drop-path draw the same numbers as without
+        compression (seeded from torch's seed at compression time: reproducible runs stay reproducible)."""
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device).manual_seed(self._seed)
+        return self._generators[device]
+
+    def _noise_pool(self, device: torch.device) -> torch.Tensor:
+        """Uniform noise read at random offsets for stochastic rounding: much cheaper than fresh draws."""
+        if device not in self._pools:
+            self._pools[device] = Q.make_noise_pool(device, self._generator(device))
+        return self._pools[device]
+
+    def stats(self) -> dict:
+        """Counters since compression started: values quantised and clipped by running ranges."""
+        return {"quantized_values": self.quantized_values, "clipped_values": self.clipped,
+                "clipped_fraction": self.clipped / self.quantized_values if self.quantized_values else 0.0,
+                "running_sites": len(self.running)}
+
+    def remove(self) -> None:
+        self._tracker.remove()
+
+
+_ATTRIBUTE = "_leanformer_activation_compressor"
+
+
+def compress_activations(model: nn.Module, config: CompressionConfig | None = None) -> nn.Module:
+    """Store the activations `model` saves for backward compressed, in place; returns `model`.
+
+    The forward result is unchanged. Raises ValueError if `model` is already compressed (undo with
+    `decompress_activations` first): compressing twice would quantise twice.
+    """
+    if getattr(model, _ATTRIBUTE, None) is not None:
+        raise ValueError(f"{type(model).__name__} is already compressed; call decompress_activations(model) first")
+    compressor = ActivationCompressor(model, config or CompressionConfig())
+    object.__setattr__(model, _ATTRIBUTE, compressor)  # a plain attribute: not a submodule, not in the state dict
+    return model
+
+
+def decompress_activations(model: nn.Module) -> nn.Module:
+    """Undo `compress_activations`: remove the hooks; saved activations are exact again."""
+    compressor = getattr(model, _ATTRIBUTE, None)
+    if compressor is None:
+        raise ValueError(f"{type(model).__name__} is not compressed")
+    compressor.remove()
+    object.__delattr__(model, _ATTRIBUTE)
+    return model
+
+
+def compression_of(model: nn.Module) -> ActivationCompressor | None:
+    """The compressor attached to `model`, or None."""
+    return getattr(model, _ATTRIBUTE, None)
+
+
+def compression_stats(model: nn.Module) -> dict:
+    compressor = compression_of(model)
+    if compressor is None:
+        raise ValueError(f"{type(model).__name__} is not compressed")
+    return compressor.stats()
+
+
