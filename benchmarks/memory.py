@@ -6,7 +6,7 @@ weights and data) and each variant:
 - saved-activation bytes (what autograd keeps for backward, `saved_activation_bytes`) and the
   ratio to exact: measured in this process (not for checkpointing, whose recomputation keeps
   tensors outside saved-tensor hooks);
-- process peak memory (`ru_maxrss`) and step time (median of `--steps` after warm-up): each
+- process peak memory (VmHWM) and step time (median of `--steps` after warm-up): each
   variant in its own fresh process, so peaks do not mix;
 - parameter-gradient relative L2 error against exact on the same batch (int8/int4/int2).
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import torch
 
 from leanformer import create_model
 from leanformer._io import write_json_atomic
+from leanformer._process import peak_rss_mb
 from leanformer.memory import CompressionConfig, compress_activations, saved_activation_bytes
 
 try:
@@ -79,7 +79,7 @@ def worker(name: str, variant: str, batch_size: int, steps: int, quick: bool) ->
         train_step(model, x, y)
         times.append(time.perf_counter() - start)
     return {"step_s": statistics.median(times), "steps_s": [round(t, 4) for t in times],
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def in_fresh_process(name: str, variant: str, args) -> dict:

@@ -90,3 +90,26 @@ def test_train_json_summary(tmp_path):
     summary = json.loads(proc.stdout)
     assert summary["epochs_run"] == 1 and 0.0 <= summary["best_val_acc"] <= 1.0 and summary["params"] > 0
     assert (tmp_path / "best" / "meta.json").is_file() and (tmp_path / "result.json").is_file()
+
+
+def test_profile_reports_exact_and_compressed_bytes(tmp_path, capsys):
+    png = tmp_path / "profile.png"
+    assert main(["profile", "--model", "swin_nano_patch2_window4_32", "--batch-size", "2", "--compress", "int4",
+                 "--plot", str(png), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert 0 < report["ratio"] < 0.2 and report["stored_bytes"] < report["original_bytes"]
+    assert any(name.startswith("layers.0.blocks.0") for name in report["per_module"])
+    assert png.stat().st_size > 0
+    assert main(["profile", "--model", "swin_nano_patch2_window4_32", "--batch-size", "2", "--compress", "none",
+                 "--plot", str(png)]) == 0
+    assert "1.000x" in capsys.readouterr().out
+
+
+def test_train_with_compression_reports_the_saving(tmp_path):
+    proc = run_cli("train", "--img-size", "16", "--epochs", "1", "--batch-size", "64", "--no-progress", "--json",
+                   "--compress", "int8", "--output", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert 0.2 < summary["saved_activation_ratio"] < 0.3 and summary["config"]["compress"] == "int8"
+    proc = run_cli("train", "--compress", "int3", "--output", str(tmp_path / "x"))
+    assert proc.returncode == 2 and "int8" in proc.stderr

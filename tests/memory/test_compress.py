@@ -143,7 +143,7 @@ def test_nan_propagates_like_the_exact_path():
 
 def test_running_ranges_clamp_and_count():
     model = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 4)).train()
-    compress_activations(model, CompressionConfig(min_numel=0, range="running", ema_decay=0.9))
+    compress_activations(model, CompressionConfig(min_numel=0, range="running", ema_decay=0.9, clip_stats_every=1))
     grads_of(model, torch.randn(32, 16))
     grads_of(model, 10 * torch.randn(32, 16))  # far outside the first batch's range: clamped, not wrapped
     stats = compression_stats(model)
@@ -203,7 +203,7 @@ def test_huggingface_bert_and_llama():
     ("kwargs", "field"),
     [(dict(bits=3), "bits"), (dict(group="row"), "group"), (dict(group=0), "group"), (dict(range="ema"), "range"),
      (dict(ema_decay=1.0), "ema_decay"), (dict(rounding="up"), "rounding"), (dict(ops=("mlp",)), "ops"),
-     (dict(min_numel=-1), "min_numel")],
+     (dict(min_numel=-1), "min_numel"), (dict(clip_stats_every=0), "clip_stats_every")],
 )
 def test_bad_config_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):

@@ -103,3 +103,14 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     meta_single = json.loads((single / "last" / "meta.json").read_text())
     meta_ddp = json.loads((ddp / "last" / "meta.json").read_text())
     assert meta_ddp["history"][0]["val_acc"] == pytest.approx(meta_single["history"][0]["val_acc"], abs=2e-3)
+
+
+def test_two_process_ddp_with_compressed_activations(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "leanformer", "train", *RUN, "--epochs", "1", "--compress", "int8", "--output", str(tmp_path),
+           "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert summary["world_size"] == 2 and summary["saved_activation_ratio"] < 0.3
+    assert summary["final_val_acc"] > 0.2  # it learns (10 classes: chance is 0.1)

@@ -65,6 +65,8 @@ class CompressionConfig:
     ops: op kinds to compress, from OP_KINDS.
     exclude_modules: fnmatch patterns of module names whose saved tensors stay exact.
     min_numel: tensors with fewer elements stay exact (not worth it).
+    clip_stats_every: count values clipped by running ranges on one training forward in this many
+        (counting costs three passes over every tensor); `stats()` reports the sampled fraction.
     """
 
     bits: int = 8
@@ -75,6 +77,7 @@ class CompressionConfig:
     ops: tuple[str, ...] = OP_KINDS
     exclude_modules: tuple[str, ...] = ()
     min_numel: int = 1024
+    clip_stats_every: int = 10
 
     def __post_init__(self) -> None:
         if self.bits not in (8, 4, 2):
@@ -93,6 +96,8 @@ class CompressionConfig:
         unknown = [op for op in self.ops if op not in OP_KINDS]
         if unknown:
             raise ValueError(f"ops={list(self.ops)!r}: unknown kind(s) {unknown}; expected kinds from {OP_KINDS}")
+        if not isinstance(self.clip_stats_every, int) or self.clip_stats_every < 1:
+            raise ValueError(f"clip_stats_every={self.clip_stats_every!r}: expected a positive integer")
         if not isinstance(self.min_numel, int) or self.min_numel < 0:
             raise ValueError(f"min_numel={self.min_numel!r}: expected an integer >= 0")
 
@@ -126,7 +131,7 @@ class _CurrentFunction(TorchFunctionMode):
 class _Stored:
     """What the pack hook returns: a compressed tensor, a 1-bit mask, or the tensor itself."""
 
-    kind: str  # "raw" | "quantized" | "mask"
+    kind: str  # "raw" | "quantized" | "mask" | "view" (another shape of a stored tensor)
     payload: object
     shape: torch.Size | None = None
     dtype: torch.dtype | None = None
@@ -135,6 +140,8 @@ class _Stored:
     def unpack(self) -> torch.Tensor:
         if self.kind == "raw":
             return self.payload
+        if self.kind == "view":
+            return self.payload.unpack().view(self.shape)
         cached = self._unpacked() if self._unpacked is not None else None
         if cached is not None:  # the same tensor saved by two ops: decompress once
             return cached
@@ -154,6 +161,8 @@ class ActivationCompressor:
         self.running: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.clipped = 0
         self.quantized_values = 0
+        self.counted_values = 0
+        self._forwards = -1  # training forwards seen; the first one (0) counts clipping
         self._mode = _CurrentFunction()
         self._excluded = 0
         self._save_index: dict[str, int] = {}
@@ -169,6 +178,7 @@ class ActivationCompressor:
 
     def _enter(self, name: str, module: nn.Module) -> None:
         if module is self.model:
+            self._forwards += self.model.training
             self._params = parameter_storages(self.model)
             self._save_index.clear()
             hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, _Stored.unpack)
@@ -215,10 +225,12 @@ class ActivationCompressor:
             stored = _Stored("mask", Q.pack_mask(x > 0), x.shape, x.dtype)
             nbytes = stored.payload.numel()
         else:
-            key = (storage_key(x), x.storage_offset(), tuple(x.shape), x.stride(), x.dtype, x._version)
+            # contiguous views of the same memory (e.g. a 4-D map and the 2-D view a Linear saves) share one copy
+            layout = (x.numel(),) if x.is_contiguous() else (tuple(x.shape), x.stride())
+            key = (storage_key(x), x.storage_offset(), layout, x.dtype, x._version)
             hit = self._cache.get(key)
-            if hit is not None and hit[0]() is x:
-                return hit[1]
+            if hit is not None and hit[0]() is not None:
+                return hit[1] if hit[1].shape == x.shape else _Stored("view", hit[1], x.shape, x.dtype)
             stored = self._quantize(x, module_name, kind)
             if stored is None:  # NaN/Inf: keep exact so backward sees what it would without compression
                 return self._keep(x, module_name)
@@ -243,11 +255,14 @@ class ActivationCompressor:
                 self.running[site] = Q.ema_update(self.running.get(site), (lo, hi), cfg.ema_decay)
             lo, hi = self.running.get(site, (lo, hi))
         stochastic = cfg.rounding == "stochastic"
+        counting = self._forwards % cfg.clip_stats_every == 0
         q = Q.quantize(x, cfg.bits, group, lo=lo, hi=hi, stochastic=stochastic, generator=self._generator(x.device),
-                       noise_pool=self._noise_pool(x.device) if stochastic else None)
-        self.clipped += int(q.clipped)
+                       noise_pool=self._noise_pool(x.device) if stochastic else None, count_clipped=counting)
+        if counting:
+            self.clipped += int(q.clipped)
+            self.counted_values += x.numel()
         self.quantized_values += x.numel()
-        return _Stored("quantized", q)
+        return _Stored("quantized", q, x.shape, x.dtype)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         """A private RNG for stochastic rounding, so dropout and drop-path draw the same numbers as without
@@ -263,9 +278,11 @@ class ActivationCompressor:
         return self._pools[device]
 
     def stats(self) -> dict:
-        """Counters since compression started: values quantised and clipped by running ranges."""
-        return {"quantized_values": self.quantized_values, "clipped_values": self.clipped,
-                "clipped_fraction": self.clipped / self.quantized_values if self.quantized_values else 0.0,
+        """Counters since compression started: values quantised, and of the values counted (one forward in
+        `clip_stats_every`), how many running ranges clipped."""
+        return {"quantized_values": self.quantized_values, "counted_values": self.counted_values,
+                "clipped_values": self.clipped,
+                "clipped_fraction": self.clipped / self.counted_values if self.counted_values else 0.0,
                 "running_sites": len(self.running)}
 
     def remove(self) -> None:

@@ -226,6 +226,7 @@ def quantize(
     stochastic: bool = True,
     generator: torch.Generator | None = None,
     noise_pool: torch.Tensor | None = None,
+    count_clipped: bool = True,
 ) -> QuantizedTensor:
     """Affine-quantise x to ``bits``-bit codes per group: code = clamp(floor((x - lo) / step + u), 0, 2**bits - 1).
 
@@ -238,7 +239,8 @@ def quantize(
     ``noise_pool`` (from ``make_noise_pool``) replaces the per-value draws by a slice of a pool of uniform
     values read at a random offset: each value still gets u uniform on [0, 1), so rounding stays unbiased,
     but neighbouring values' noise is correlated across calls. It costs one read instead of a random draw
-    per value (about a third of the whole int8 overhead on CPU).
+    per value (about a third of the whole int8 overhead on CPU). ``count_clipped=False`` skips counting
+    values outside a running range (two comparisons and a sum per value); ``clipped`` is then 0.
     """
     levels = _check_bits(bits)
     group = _check_group(group)
@@ -273,7 +275,7 @@ def quantize(
             r1 = min(r0 + rows_per, lay.rows)
             t = torch.sub(xw[r0:r1], _row_slice(lo_w, r0, r1))  # fp32 for half inputs (lo is fp32, not 0-d)
             torch.addcmul(offset_t, t, _row_slice(inv_w, r0, r1), out=t)  # (x - lo) / step + offset
-            if running:
+            if running and count_clipped:
                 outside = t < offset - _CLIP_SLACK
                 outside |= t > levels + offset + _CLIP_SLACK
                 clipped += outside.sum()

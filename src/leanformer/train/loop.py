@@ -13,7 +13,6 @@ loop:
 
 from __future__ import annotations
 
-import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .._io import write_json_atomic
+from .._process import peak_rss_mb
 from ..data import load_data
 from ..memory import CompressionConfig, compress_activations, saved_activation_bytes
 from ..models import create_model
@@ -64,11 +64,6 @@ class TrainResult:
     rank: int
     output: str | None
     history: list[dict] = field(default_factory=list)
-
-
-def peak_memory_mb() -> float:
-    """Peak resident memory of this process (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # fields a resumed run may change: they do not alter what has been computed so far
@@ -170,7 +165,7 @@ class Trainer:
             epochs_run=cfg.epochs - start_epoch,
             steps=step, best_val_acc=best_acc, final_val_acc=val_acc, seconds=round(train_seconds, 3),
             seconds_per_step=train_seconds / train_steps if train_steps else 0.0,
-            images_per_s=images / train_seconds if train_seconds else 0.0, peak_memory_mb=peak_memory_mb(),
+            images_per_s=images / train_seconds if train_seconds else 0.0, peak_memory_mb=peak_rss_mb(),
             saved_activation_mb=self.activations.stored_bytes / 2**20 if self.activations else 0.0,
             saved_activation_ratio=self.activations.ratio if self.activations else 1.0,
             world_size=ctx.world_size, rank=ctx.rank, output=str(self.output) if self.output else None,
