@@ -7,7 +7,9 @@ weights and data) and each variant:
   ratio to exact: measured in this process (not for checkpointing, whose recomputation keeps
   tensors outside saved-tensor hooks);
 - process peak memory (VmHWM) and step time (median of `--steps` after warm-up): each
-  variant in its own fresh process, so peaks do not mix;
+  variant in its own fresh process, so peaks do not mix; also the step peak, the peak minus the
+  resident memory once the model and batch exist (what training adds on top of the runtime and
+  weights, closer to what a GPU allocator would report);
 - parameter-gradient relative L2 error against exact on the same batch (int8/int4/int2).
 
 Writes benchmarks/results/memory.json and memory.png.
@@ -31,7 +33,7 @@ import torch
 
 from leanformer import create_model
 from leanformer._io import write_json_atomic
-from leanformer._process import peak_rss_mb
+from leanformer._process import current_rss_mb, peak_rss_mb, reset_peak_rss
 from leanformer.memory import CompressionConfig, compress_activations, saved_activation_bytes
 
 try:
@@ -71,6 +73,8 @@ def worker(name: str, variant: str, batch_size: int, steps: int, quick: bool) ->
     """Runs in a fresh process: step time and peak memory of one variant alone."""
     model = build(name, variant, quick)
     x, y = batch(model, batch_size)
+    base = current_rss_mb()
+    reset_peak_rss()
     for _ in range(2):
         train_step(model, x, y)
     times = []
@@ -79,7 +83,8 @@ def worker(name: str, variant: str, batch_size: int, steps: int, quick: bool) ->
         train_step(model, x, y)
         times.append(time.perf_counter() - start)
     return {"step_s": statistics.median(times), "steps_s": [round(t, 4) for t in times],
-            "peak_rss_mb": peak_rss_mb()}
+            "peak_rss_mb": peak_rss_mb(), "before_steps_rss_mb": base,
+            "step_peak_mb": peak_rss_mb() - base if base is not None else None}
 
 
 def in_fresh_process(name: str, variant: str, args) -> dict:
@@ -163,6 +168,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         for variant in VARIANTS:
             rows[variant]["peak_ratio"] = rows[variant]["peak_rss_mb"] / rows["exact"]["peak_rss_mb"]
             rows[variant]["time_ratio"] = rows[variant]["step_s"] / rows["exact"]["step_s"]
+            if rows["exact"].get("step_peak_mb"):
+                rows[variant]["step_peak_ratio"] = rows[variant]["step_peak_mb"] / rows["exact"]["step_peak_mb"]
         result["models"][name] = rows
         for variant, row in rows.items():
             print(f"{name:<30} {variant:<10} " + "  ".join(

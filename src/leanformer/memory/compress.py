@@ -168,7 +168,7 @@ class ActivationCompressor:
         self._save_index: dict[str, int] = {}
         self._cache: dict[tuple, tuple[weakref.ref, _Stored]] = {}
         self._params: set = set()
-        self._context: list = []
+        self._saved_hooks: torch.autograd.graph.saved_tensors_hooks | None = None
         self._seed = torch.initial_seed()
         self._generators: dict[torch.device, torch.Generator] = {}
         self._pools: dict[torch.device, torch.Tensor] = {}
@@ -181,17 +181,17 @@ class ActivationCompressor:
             self._forwards += self.model.training
             self._params = parameter_storages(self.model)
             self._save_index.clear()
-            hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, _Stored.unpack)
-            hooks.__enter__()
+            self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, _Stored.unpack)
+            self._saved_hooks.__enter__()
             self._mode.__enter__()
-            self._context = [hooks]
         elif name and any(fnmatch.fnmatch(name, p) for p in self.config.exclude_modules):
             self._excluded += 1
 
     def _exit(self, name: str, module: nn.Module) -> None:
         if module is self.model:
             self._mode.__exit__(None, None, None)
-            self._context.pop().__exit__(None, None, None)
+            self._saved_hooks.__exit__(None, None, None)
+            self._saved_hooks = None
             self._cache.clear()
         elif name and any(fnmatch.fnmatch(name, p) for p in self.config.exclude_modules):
             self._excluded -= 1
