@@ -218,4 +218,4 @@ def test_running_ranges_follow_each_site_of_a_frozen_model():
     for _ in range(5):
         model(torch.randn(4, 3, 32, 32)).sum()
     stats = compression_stats(model)
-    assert stats["running_sites"] > 20 and stats["clipped_fraction"] < 0.01
+    assert stats["running_sites"] > 20 and stats["clipped_fraction"] < 0.05
