@@ -37,7 +37,7 @@ def test_forward_on_digits(capsys):
     ],
 )
 def test_errors_are_one_line_with_exit_code_2(argv, message):
-    proc = subprocess.run([sys.executable, "-m", "leanformer", *argv], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "leanformer", *argv], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 2
     assert message in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
@@ -45,12 +45,12 @@ def test_errors_are_one_line_with_exit_code_2(argv, message):
 
 def test_debug_shows_traceback():
     proc = subprocess.run([sys.executable, "-m", "leanformer", "--debug", "models", "nothing*"],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode != 0 and "Traceback" in proc.stderr
 
 
 def run_cli(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "leanformer", *argv], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "leanformer", *argv], capture_output=True, text=True, timeout=900)
 
 
 @pytest.mark.parametrize(
