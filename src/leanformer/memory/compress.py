@@ -30,7 +30,6 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from . import quantize as Q
-from ._arena import PayloadArena
 from ._tracking import ModuleTracker
 from .measure import active_report, parameter_storages, storage_key
 
@@ -179,7 +178,6 @@ class ActivationCompressor:
         self._seed = torch.initial_seed()
         self._generators: dict[torch.device, torch.Generator] = {}
         self._pools: dict[torch.device, torch.Tensor] = {}
-        self._arena = PayloadArena()
         self._tracker = ModuleTracker(model, on_enter=self._enter, on_exit=self._exit)
 
     # -- entering and leaving the model's forward ---------------------------------------------------
@@ -201,7 +199,6 @@ class ActivationCompressor:
             self._saved_hooks.__exit__(None, None, None)
             self._saved_hooks = None
             self._cache.clear()
-            self._arena.release()
         elif name and any(fnmatch.fnmatch(name, p) for p in self.config.exclude_modules):
             self._excluded -= 1
 
@@ -269,8 +266,7 @@ class ActivationCompressor:
         stochastic = cfg.rounding == "stochastic"
         counting = self._forwards % cfg.clip_stats_every == 0
         q = Q.quantize(x, cfg.bits, group, lo=lo, hi=hi, stochastic=stochastic, generator=self._generator(x.device),
-                       noise_pool=self._noise_pool(x.device) if stochastic else None, count_clipped=counting,
-                       allocate=self._arena.take)
+                       noise_pool=self._noise_pool(x.device) if stochastic else None, count_clipped=counting)
         if counting:
             self.clipped += int(q.clipped)
             self.counted_values += x.numel()

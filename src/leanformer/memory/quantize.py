@@ -19,7 +19,6 @@ checking ``ranges_are_finite(lo, hi)`` first.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -228,7 +227,6 @@ def quantize(
     generator: torch.Generator | None = None,
     noise_pool: torch.Tensor | None = None,
     count_clipped: bool = True,
-    allocate: Callable[[int, torch.device], torch.Tensor] | None = None,
 ) -> QuantizedTensor:
     """Affine-quantise x to ``bits``-bit codes per group: code = clamp(floor((x - lo) / step + u), 0, 2**bits - 1).
 
@@ -243,7 +241,6 @@ def quantize(
     but neighbouring values' noise is correlated across calls. It costs one read instead of a random draw
     per value (about a third of the whole int8 overhead on CPU). ``count_clipped=False`` skips counting
     values outside a running range (two comparisons and a sum per value); ``clipped`` is then 0.
-    ``allocate(n_bytes, device)`` supplies the uint8 buffer for the codes (e.g. from an arena).
     """
     levels = _check_bits(bits)
     group = _check_group(group)
@@ -264,8 +261,7 @@ def quantize(
     step = (hi - lo).clamp_(min=0).div_(levels).clamp_(min=_MIN_STEP)
 
     n_codes = lay.rows * lay.cols
-    n_bytes = (n_codes * bits + 7) // 8
-    packed = allocate(n_bytes, x.device) if allocate else torch.empty(n_bytes, dtype=torch.uint8, device=x.device)
+    packed = torch.empty((n_codes * bits + 7) // 8, dtype=torch.uint8, device=x.device)
     clipped = torch.zeros((), dtype=torch.int64, device=x.device)
     if n_codes:
         xw = _working_view(x, lay)
