@@ -4,7 +4,7 @@ Trains the default compact Swin with `leanformer.Trainer` on the embedded digits
 MNIST test set in ../shared/data/mnist (split 8,000/2,000), once per seed and storage variant,
 and records the final validation accuracy. Writes benchmarks/results/memory_accuracy.json + .png.
 
-    python benchmarks/memory_accuracy.py                 # digits and MNIST, 3 seeds (about 25 minutes)
+    python benchmarks/memory_accuracy.py                 # digits and MNIST, 3 seeds (about 30 minutes)
     python benchmarks/memory_accuracy.py --quick         # 1 epoch, 1 seed: checks the script works
 """
 
