@@ -28,6 +28,8 @@ test-all: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/backbones.py
+	$(PY) benchmarks/memory.py
+	$(PY) benchmarks/memory_accuracy.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,6 +1,6 @@
 """Activation memory: exact vs int8 vs int4 vs per-stage gradient checkpointing, on training steps.
 
-For each model (`swin_tiny_patch4_window7_224`, `msmlp_tiny`; fp32, batch 8 at 224 px, same
+For each model (`swin_tiny_patch4_window7_224`, `msmlp_tiny`; fp32, batch 16 at 224 px, same
 weights and data) and each variant:
 
 - saved-activation bytes (what autograd keeps for backward, `saved_activation_bytes`) and the
@@ -148,8 +148,8 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (median reported)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (median reported)")
     parser.add_argument("--quick", action="store_true", help="tiny models: a smoke test, not a result")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
