@@ -82,3 +82,9 @@ def test_bad_meta_is_reported(tmp_path):
         load_checkpoint_folder(folder)
     with pytest.raises(ValueError, match="meta.json is missing"):
         load_checkpoint_folder(tmp_path / "nowhere")
+
+
+def test_written_files_are_readable_by_others(tmp_path):
+    folder = save(tmp_path, *small_run())
+    for path in folder.iterdir():
+        assert path.stat().st_mode & 0o044 == 0o044, path
