@@ -5,12 +5,14 @@ MNIST test set in ../shared/data/mnist (split 8,000/2,000), once per seed and st
 and records the final validation accuracy. Writes benchmarks/results/memory_accuracy.json + .png.
 
     python benchmarks/memory_accuracy.py                 # digits and MNIST, 3 seeds (about 30 minutes)
+    python benchmarks/memory_accuracy.py --tasks mnist   # rerun one task, keep the others' results
     python benchmarks/memory_accuracy.py --quick         # 1 epoch, 1 seed: checks the script works
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 from pathlib import Path
 
@@ -58,6 +60,15 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _earlier_tasks(out: Path, quick: bool) -> dict:
+    """Results of tasks from an earlier run of the same kind, kept when only some tasks are rerun."""
+    path = out / "memory_accuracy.json"
+    if not path.is_file():
+        return {}
+    earlier = json.loads(path.read_text())
+    return earlier.get("tasks", {}) if earlier.get("quick") == quick else {}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
@@ -66,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     seeds = range(1 if args.quick else args.seeds)
-    result = {"machine": machine_info(), "quick": args.quick, "tasks": {}}
+    result = {"machine": machine_info(), "quick": args.quick, "tasks": _earlier_tasks(args.out, args.quick)}
     for task in args.tasks:
         result["tasks"][task] = {}
         for variant in VARIANTS:

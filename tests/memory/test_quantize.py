@@ -1,4 +1,8 @@
-"""Quantisation core: error bounds, packing, stochastic rounding, clamping, running ranges, edge values."""
+"""Quantisation core: error bounds, packing, stochastic rounding, clamping, running ranges, edge values.
+
+Every test runs twice: on the compiled CPU kernels and on the PyTorch reference (LEANFORMER_NATIVE=0);
+the parity tests at the end compare the two directly.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from leanformer import _native
 from leanformer.memory.quantize import (
     QuantizedTensor,
     dequantize,
@@ -24,6 +29,20 @@ from leanformer.memory.quantize import (
 
 BITS = (8, 4, 2)
 GROUPS = ("head", "channel", "tensor", 1, 7, 64)
+
+
+@pytest.fixture(autouse=True, params=["native", "reference"])
+def path(request, monkeypatch):
+    """Run each test on the compiled kernels and on the PyTorch reference."""
+    monkeypatch.setenv("LEANFORMER_NATIVE", "1" if request.param == "native" else "0")
+    return request.param
+
+
+def _reference(fn):
+    """fn() evaluated on the PyTorch reference path."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LEANFORMER_NATIVE", "0")
+        return fn()
 
 
 def _expand_step(q: QuantizedTensor, x: torch.Tensor) -> torch.Tensor:
@@ -323,3 +342,45 @@ def test_noise_pool_rounding_is_unbiased():
     assert (decoded.mean(0) - x).abs().max() < 0.06 * step * 3  # 600 draws: standard error <= 0.02 step
     nearest = dequantize(quantize(x, 2, "tensor", lo=lo, hi=hi, stochastic=False))
     assert (decoded.mean(0) - x).abs().mean() < (nearest - x).abs().mean() / 3
+
+
+def test_native_kernels_are_built(path):
+    """On a machine with a C++ compiler the fast path must build (set LEANFORMER_NATIVE=0 to run without it)."""
+    if path == "native":
+        assert _native.kernels("quantize") is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group", ["head", "channel", "tensor", 64, 7])
+@pytest.mark.parametrize("bits", BITS)
+def test_native_matches_reference(bits, group, dtype, path):
+    """Same statistics, same codes with nearest rounding, same decoding (up to one ulp from fused multiply-add)."""
+    g = torch.Generator().manual_seed(bits)
+    x = (torch.randn(3, 4, 37, 29, generator=g) * 3 + 1).to(dtype)
+    lo, hi = group_minmax(x, group)
+    ref_lo, ref_hi = _reference(lambda: group_minmax(x, group))
+    assert torch.equal(lo, ref_lo) and torch.equal(hi, ref_hi)
+    q = quantize(x, bits, group, stochastic=False)
+    ref_q = _reference(lambda: quantize(x, bits, group, stochastic=False))
+    real_codes = x.numel() * bits // 8  # int group sizes pad the last group; padding codes may differ
+    assert torch.equal(q.packed[:real_codes], ref_q.packed[:real_codes])
+    out, ref_out = dequantize(q), _reference(lambda: dequantize(q))
+    assert out.dtype == ref_out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref_out.float(), rtol=1e-2 if dtype != torch.float32 else 1e-6, atol=1e-6)
+
+
+def test_native_matches_reference_on_running_ranges_and_non_finite(path):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(50, 3, 64, generator=g)
+    lo, hi = group_minmax(x, "channel")
+    run = (lo * 0.5, hi * 0.5)
+    q = quantize(x, 4, "channel", lo=run[0], hi=run[1], stochastic=False)
+    ref_q = _reference(lambda: quantize(x, 4, "channel", lo=run[0], hi=run[1], stochastic=False))
+    assert int(q.clipped) == int(ref_q.clipped) > 0
+    assert torch.equal(q.packed, ref_q.packed)
+    x[7, 1, 5] = float("nan")
+    x[9, 2, 6] = float("inf")
+    stats = group_minmax(x, "channel")
+    ref_stats = _reference(lambda: group_minmax(x, "channel"))
+    for a, b in zip(stats, ref_stats, strict=True):
+        torch.testing.assert_close(a, b, equal_nan=True)

@@ -12,6 +12,11 @@ bf16 and fp16 inputs; statistics are fp32. On CPU the element-wise work is done 
 elements so that temporaries stay in cache and are not fresh page-faulted allocations (about 3x faster than
 whole-tensor temporaries on the benchmark shape); on GPU the whole tensor is one chunk.
 
+On CPU the three passes (``group_minmax``, ``quantize``, ``dequantize``) use fused compiled kernels when
+they can be built (``leanformer._native``; ``csrc/quantize.cpp``): one pass over memory each, stochastic
+rounding from a counter-based hash instead of drawn noise. The PyTorch code below is the reference they are
+tested against and the fallback everywhere else (GPU, no compiler, ``LEANFORMER_NATIVE=0``).
+
 Non-finite values: ``group_minmax`` propagates NaN/inf into the statistics of the group that holds them, and
 the codes of such a group are meaningless (but never disturb other groups). Callers keep such tensors exact,
 checking ``ranges_are_finite(lo, hi)`` first.
@@ -23,6 +28,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+
+from .. import _native
 
 GroupSpec = str | int
 
@@ -117,6 +124,24 @@ def _layout(shape: torch.Size, group: GroupSpec) -> _Layout:
     return _Layout(group, numel, 1, ())
 
 
+def _native_kernels(x: torch.Tensor):
+    """The compiled kernels if they apply to x (a non-empty CPU tensor), else None."""
+    if x.device.type != "cpu" or x.numel() == 0:
+        return None
+    return _native.kernels("quantize")
+
+
+def _native_layout(shape: torch.Size, lay: _Layout) -> tuple[int, int, bool, int]:
+    """(rows, cols, per_col, period) for the compiled kernels: statistic index = col or row % period."""
+    if isinstance(lay.group, int):
+        return lay.rows, lay.cols, False, lay.rows
+    if lay.group == "head":
+        return lay.rows, lay.cols, False, shape[1]
+    if lay.group == "channel":
+        return lay.rows, lay.cols, True, 1
+    return 1, lay.rows, False, 1  # one group: a single row keeps whole blocks contiguous
+
+
 def _working_view(x: torch.Tensor, lay: _Layout) -> torch.Tensor:
     """x as (rows, cols); int groups pad the tail with the last element (which leaves its group's min/max as is)."""
     flat = x.reshape(-1)
@@ -153,6 +178,10 @@ def _minmax(x: torch.Tensor, lay: _Layout) -> tuple[torch.Tensor, torch.Tensor]:
     if x.numel() == 0:
         zeros = torch.zeros(lay.stats_shape, dtype=torch.float32, device=x.device)
         return zeros, zeros.clone()
+    kernels = _native_kernels(x)
+    if kernels is not None:
+        lo, hi = kernels.group_minmax(x.contiguous(), *_native_layout(x.shape, lay))
+        return lo.view(lay.stats_shape), hi.view(lay.stats_shape)
     if isinstance(lay.group, int):
         xv = _working_view(x, lay)
         return xv.amin(dim=1, keepdim=True).float(), xv.amax(dim=1, keepdim=True).float()
@@ -241,6 +270,8 @@ def quantize(
     but neighbouring values' noise is correlated across calls. It costs one read instead of a random draw
     per value (about a third of the whole int8 overhead on CPU). ``count_clipped=False`` skips counting
     values outside a running range (two comparisons and a sum per value); ``clipped`` is then 0.
+    The compiled CPU path needs neither: its noise is a hash of (seed from ``generator``, element index),
+    uniform on the midpoints of 2**24 bins, and counting is part of its single pass.
     """
     levels = _check_bits(bits)
     group = _check_group(group)
@@ -263,7 +294,13 @@ def quantize(
     n_codes = lay.rows * lay.cols
     packed = torch.empty((n_codes * bits + 7) // 8, dtype=torch.uint8, device=x.device)
     clipped = torch.zeros((), dtype=torch.int64, device=x.device)
-    if n_codes:
+    kernels = _native_kernels(x)
+    if kernels is not None:
+        seed = int(torch.randint(0, 2**31, (), generator=generator)) if stochastic else 0
+        count = kernels.quantize_pack(x, *_native_layout(x.shape, lay), lo.reshape(-1), step.reciprocal().reshape(-1),
+                                      bits, stochastic, seed, running and count_clipped, packed)
+        clipped.fill_(count)
+    elif n_codes:
         xw = _working_view(x, lay)
         lo_w = _to_working(lo, lay, x.shape)
         inv_w = _to_working(step.reciprocal(), lay, x.shape)
@@ -318,6 +355,12 @@ def dequantize(q: QuantizedTensor) -> torch.Tensor:
     """Decode to a contiguous tensor of q.shape and q.dtype: lo + code * step per group (computed in fp32)."""
     lay = _layout(q.shape, q.group)
     device = q.packed.device
+    kernels = _native_kernels(q.packed)
+    if kernels is not None and q.shape.numel():
+        out = torch.empty(q.shape, dtype=q.dtype)
+        kernels.unpack_dequantize(q.packed, *_native_layout(q.shape, lay), q.lo.reshape(-1), q.step.reshape(-1),
+                                  q.bits, out)
+        return out
     out = torch.empty((lay.rows, lay.cols), dtype=q.dtype, device=device)
     if lay.rows * lay.cols:
         lo_w = _to_working(q.lo, lay, q.shape)
