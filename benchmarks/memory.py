@@ -7,7 +7,9 @@ weights and data) and each variant:
   ratio to exact: measured in this process (not for checkpointing, whose recomputation keeps
   tensors outside saved-tensor hooks);
 - process peak memory (VmHWM) and step time (median of `--steps` after warm-up): each
-  variant in its own fresh process, so peaks do not mix; also the step peak, the peak minus the
+  variant in its own fresh process, so peaks do not mix, repeated for `--rounds` rounds with the
+  variants interleaved (step time: median over all rounds' steps; peak: the largest round's);
+  also the step peak, the peak minus the
   resident memory once the model and batch exist (what training adds on top of the runtime and
   weights, closer to what a GPU allocator would report);
 - parameter-gradient relative L2 error against exact on the same batch (int8/int4/int2).
@@ -94,6 +96,20 @@ def in_fresh_process(name: str, variant: str, args) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def interleaved_rounds(name: str, args) -> dict[str, dict]:
+    """Each variant in fresh processes, variants interleaved round by round so drifting load hits all alike."""
+    runs: dict[str, list[dict]] = {variant: [] for variant in VARIANTS}
+    for _ in range(args.rounds):
+        for variant in VARIANTS:
+            runs[variant].append(in_fresh_process(name, variant, args))
+    out = {}
+    for variant, rounds in runs.items():
+        steps = [t for r in rounds for t in r["steps_s"]]
+        worst = max(rounds, key=lambda r: r["peak_rss_mb"])
+        out[variant] = {**worst, "step_s": statistics.median(steps), "steps_s": steps}
+    return out
+
+
 def grads(model, x, y) -> dict[str, torch.Tensor]:
     train_step(model, x, y)
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -150,6 +166,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (median reported)")
+    parser.add_argument("--rounds", type=int, default=2, help="fresh processes per variant, interleaved")
     parser.add_argument("--quick", action="store_true", help="tiny models: a smoke test, not a result")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
@@ -157,13 +174,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.worker:
         print(json.dumps(worker(*args.worker, args.batch_size, args.steps, args.quick)))
         return None
-    result = {"machine": machine_info(), "batch_size": args.batch_size, "steps": args.steps, "quick": args.quick,
-              "models": {}}
+    result = {"machine": machine_info(), "batch_size": args.batch_size, "steps": args.steps, "rounds": args.rounds,
+              "quick": args.quick, "models": {}}
     for name in MODELS:
         figures = in_process_figures(name, args)
-        rows = {}
-        for variant in VARIANTS:
-            rows[variant] = {**figures.get(variant, {}), **in_fresh_process(name, variant, args)}
+        timed = interleaved_rounds(name, args)
+        rows = {variant: {**figures.get(variant, {}), **timed[variant]} for variant in VARIANTS}
         rows["int2"] = figures["int2"]
         for variant in VARIANTS:
             rows[variant]["peak_ratio"] = rows[variant]["peak_rss_mb"] / rows["exact"]["peak_rss_mb"]
