@@ -29,10 +29,8 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
-from .. import _native
 from . import quantize as Q
 from ._tracking import ModuleTracker
-from .arena import StepArena
 from .measure import active_report, parameter_storages, storage_key
 
 OP_KINDS = ("linear", "conv", "norm", "activation", "attention", "other")
@@ -180,7 +178,6 @@ class ActivationCompressor:
         self._seed = torch.initial_seed()
         self._generators: dict[torch.device, torch.Generator] = {}
         self._pools: dict[torch.device, torch.Tensor] = {}
-        self._arena = StepArena()
         self._tracker = ModuleTracker(model, on_enter=self._enter, on_exit=self._exit)
 
     # -- entering and leaving the model's forward ---------------------------------------------------
@@ -268,24 +265,13 @@ class ActivationCompressor:
             lo, hi = self.running.get(site, (lo, hi))
         stochastic = cfg.rounding == "stochastic"
         counting = self._forwards % cfg.clip_stats_every == 0
-        on_cpu = x.device.type == "cpu"
-        out = self._arena.take(Q.packed_nbytes(x.shape, cfg.bits, group)) if on_cpu else None
-        try:
-            q = Q.quantize(x, cfg.bits, group, lo=lo, hi=hi, stochastic=stochastic,
-                           generator=self._generator(x.device), count_clipped=counting, out=out,
-                           noise_pool=self._noise_pool(x.device) if stochastic else None)
-        except BaseException:
-            if on_cpu:
-                self._arena.release()
-            raise
+        q = Q.quantize(x, cfg.bits, group, lo=lo, hi=hi, stochastic=stochastic, generator=self._generator(x.device),
+                       noise_pool=self._noise_pool(x.device) if stochastic else None, count_clipped=counting)
         if counting:
             self.clipped += int(q.clipped)
             self.counted_values += x.numel()
         self.quantized_values += x.numel()
-        stored = _Stored("quantized", q, x.shape, x.dtype)
-        if on_cpu:  # autograd drops the stored object after the op's backward: its codes' block is then free
-            weakref.finalize(stored, self._arena.release)
-        return stored
+        return _Stored("quantized", q, x.shape, x.dtype)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         """A private RNG for stochastic rounding, so dropout and drop-path draw the same numbers as without
@@ -294,11 +280,8 @@ class ActivationCompressor:
             self._generators[device] = torch.Generator(device).manual_seed(self._seed)
         return self._generators[device]
 
-    def _noise_pool(self, device: torch.device) -> torch.Tensor | None:
-        """Uniform noise read at random offsets for stochastic rounding: much cheaper than fresh draws.
-        None where the compiled kernels run (they make their own noise)."""
-        if device.type == "cpu" and _native.kernels("quantize") is not None:
-            return None
+    def _noise_pool(self, device: torch.device) -> torch.Tensor:
+        """Uniform noise read at random offsets for stochastic rounding: much cheaper than fresh draws."""
         if device not in self._pools:
             self._pools[device] = Q.make_noise_pool(device, self._generator(device))
         return self._pools[device]

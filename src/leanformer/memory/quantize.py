@@ -43,7 +43,6 @@ __all__ = [
     "make_noise_pool",
     "pack_bits",
     "pack_mask",
-    "packed_nbytes",
     "quantize",
     "ranges_are_finite",
     "unpack_bits",
@@ -257,7 +256,6 @@ def quantize(
     generator: torch.Generator | None = None,
     noise_pool: torch.Tensor | None = None,
     count_clipped: bool = True,
-    out: torch.Tensor | None = None,
 ) -> QuantizedTensor:
     """Affine-quantise x to ``bits``-bit codes per group: code = clamp(floor((x - lo) / step + u), 0, 2**bits - 1).
 
@@ -272,10 +270,8 @@ def quantize(
     but neighbouring values' noise is correlated across calls. It costs one read instead of a random draw
     per value (about a third of the whole int8 overhead on CPU). ``count_clipped=False`` skips counting
     values outside a running range (two comparisons and a sum per value); ``clipped`` is then 0.
-    ``out`` (contiguous uint8, ``packed_nbytes(x.shape, bits, group)`` bytes) receives the codes instead of
-    a fresh allocation. The compiled CPU path needs neither pool nor counting pass: its noise is a hash
-    of (seed from ``generator``, element index), uniform on the midpoints of 2**24 bins, and counting is
-    part of its single pass.
+    The compiled CPU path needs neither: its noise is a hash of (seed from ``generator``, element index),
+    uniform on the midpoints of 2**24 bins, and counting is part of its single pass.
     """
     levels = _check_bits(bits)
     group = _check_group(group)
@@ -296,13 +292,7 @@ def quantize(
     step = (hi - lo).clamp_(min=0).div_(levels).clamp_(min=_MIN_STEP)
 
     n_codes = lay.rows * lay.cols
-    if out is None:
-        packed = torch.empty((n_codes * bits + 7) // 8, dtype=torch.uint8, device=x.device)
-    elif out.dtype != torch.uint8 or not out.is_contiguous() or out.numel() != (n_codes * bits + 7) // 8:
-        raise ValueError(f"out must be a contiguous uint8 tensor of {(n_codes * bits + 7) // 8} bytes, got "
-                         f"{out.dtype} of {out.numel()}")
-    else:
-        packed = out.view(-1)
+    packed = torch.empty((n_codes * bits + 7) // 8, dtype=torch.uint8, device=x.device)
     clipped = torch.zeros((), dtype=torch.int64, device=x.device)
     kernels = _native_kernels(x)
     if kernels is not None:
@@ -344,12 +334,6 @@ def quantize(
                 codes.bitwise_and_(levels)  # a NaN's code is arbitrary: keep it out of its neighbours' bits
                 _pack_into(codes, bits, dst)
     return QuantizedTensor(packed, lo, step, bits, group, x.shape, x.dtype, clipped)
-
-
-def packed_nbytes(shape: torch.Size, bits: int, group: GroupSpec) -> int:
-    """Bytes of ``quantize(x, bits, group).packed`` for x of ``shape`` (int group sizes pad the last group)."""
-    lay = _layout(torch.Size(shape), group)
-    return (lay.rows * lay.cols * bits + 7) // 8
 
 
 def make_noise_pool(device: torch.device | str = "cpu", generator: torch.Generator | None = None,
