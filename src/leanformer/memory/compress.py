@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
+from .. import _native
 from . import quantize as Q
 from ._tracking import ModuleTracker
 from .measure import active_report, parameter_storages, storage_key
@@ -280,8 +281,11 @@ class ActivationCompressor:
             self._generators[device] = torch.Generator(device).manual_seed(self._seed)
         return self._generators[device]
 
-    def _noise_pool(self, device: torch.device) -> torch.Tensor:
-        """Uniform noise read at random offsets for stochastic rounding: much cheaper than fresh draws."""
+    def _noise_pool(self, device: torch.device) -> torch.Tensor | None:
+        """Uniform noise read at random offsets for stochastic rounding: much cheaper than fresh draws.
+        None where the compiled kernels run (they make their own noise)."""
+        if device.type == "cpu" and _native.kernels("quantize") is not None:
+            return None
         if device not in self._pools:
             self._pools[device] = Q.make_noise_pool(device, self._generator(device))
         return self._pools[device]
