@@ -12,7 +12,9 @@ weights and data) and each variant:
   also the step peak, the peak minus the
   resident memory once the model and batch exist (what training adds on top of the runtime and
   weights, closer to what a GPU allocator would report);
-- parameter-gradient relative L2 error against exact on the same batch (int8/int4/int2).
+- parameter-gradient relative L2 error against exact on the same batch (int8/int4/int2);
+- exact/int8/int4 again with the "lowmem" allocator settings (`ALLOCATORS`), which return freed
+  memory to the system at once: on CPU the saved bytes become a lower process peak only then.
 
 Writes benchmarks/results/memory.json and memory.png.
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -45,6 +48,10 @@ except ImportError:  # run as a script from the benchmarks folder
 
 MODELS = ("swin_tiny_patch4_window7_224", "msmlp_tiny")
 VARIANTS = ("exact", "int8", "int4", "checkpoint")
+# glibc keeps freed activation memory in its heap (fast reuse, high peak); "lowmem" mmaps every block over
+# 128 KiB so frees return memory at once, with torch's 2 MB pages to make re-faulting it cheap.
+ALLOCATORS = {"default": {}, "lowmem": {"MALLOC_MMAP_THRESHOLD_": "131072", "THP_MEM_ALLOC_ENABLE": "1"}}
+LOWMEM_VARIANTS = ("exact", "int8", "int4")
 QUICK_ARGS = {"swin_tiny_patch4_window7_224": dict(img_size=32, embed_dim=24, depths=(2, 2), num_heads=(2, 4),
                                                    window_size=4),
               "msmlp_tiny": dict(img_size=32, embed_dim=20, depths=(1, 1), mix_size=[[1, 1, 3, 5, 7]] * 2)}
@@ -89,25 +96,38 @@ def worker(name: str, variant: str, batch_size: int, steps: int, quick: bool) ->
             "step_peak_mb": peak_rss_mb() - base if base is not None else None}
 
 
-def in_fresh_process(name: str, variant: str, args) -> dict:
+def in_fresh_process(name: str, variant: str, args, allocator: str = "default") -> dict:
     cmd = [sys.executable, __file__, "--worker", name, variant, "--batch-size", str(args.batch_size),
            "--steps", str(args.steps)] + (["--quick"] if args.quick else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    env = {**os.environ, **ALLOCATORS[allocator]}
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def interleaved_rounds(name: str, args) -> dict[str, dict]:
+def interleaved_rounds(name: str, args, variants: tuple[str, ...], allocator: str) -> dict[str, dict]:
     """Each variant in fresh processes, variants interleaved round by round so drifting load hits all alike."""
-    runs: dict[str, list[dict]] = {variant: [] for variant in VARIANTS}
+    runs: dict[str, list[dict]] = {variant: [] for variant in variants}
     for _ in range(args.rounds):
-        for variant in VARIANTS:
-            runs[variant].append(in_fresh_process(name, variant, args))
+        for variant in variants:
+            runs[variant].append(in_fresh_process(name, variant, args, allocator))
     out = {}
     for variant, rounds in runs.items():
         steps = [t for r in rounds for t in r["steps_s"]]
         worst = max(rounds, key=lambda r: r["peak_rss_mb"])
         out[variant] = {**worst, "step_s": statistics.median(steps), "steps_s": steps}
     return out
+
+
+def add_ratios(rows: dict[str, dict]) -> None:
+    """Peak, step time and step peak of each timed variant relative to exact (same allocator)."""
+    exact = rows["exact"]
+    for row in rows.values():
+        if "step_s" not in row:
+            continue
+        row["peak_ratio"] = row["peak_rss_mb"] / exact["peak_rss_mb"]
+        row["time_ratio"] = row["step_s"] / exact["step_s"]
+        if exact.get("step_peak_mb"):
+            row["step_peak_ratio"] = row["step_peak_mb"] / exact["step_peak_mb"]
 
 
 def grads(model, x, y) -> dict[str, torch.Tensor]:
@@ -142,13 +162,15 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
     colors = {"exact": "#999999", "int8": "#2a6fdb", "int4": "#8fb3ee", "checkpoint": "#3aa36b"}
-    for ax, (metric, label) in zip(axes, (("saved_mb", "saved activations (MiB)"), ("peak_rss_mb", "process peak (MB)"),
-                                          ("step_s", "step time (s)")), strict=True):
+    panels = (("saved_mb", "saved activations (MiB)", False), ("peak_rss_mb", "process peak (MB)", False),
+              ("peak_rss_mb", "process peak, lowmem allocator (MB)", True), ("step_s", "step time (s)", False))
+    for ax, (metric, label, lowmem) in zip(axes, panels, strict=True):
         width = 0.2
         for i, variant in enumerate(VARIANTS):
-            values = [result["models"][m][variant].get(metric) or 0 for m in result["models"]]
+            rows = [result["models"][m][variant] for m in result["models"]]
+            values = [(row.get("lowmem", {}) if lowmem else row).get(metric) or 0 for row in rows]
             ax.bar([j + i * width for j in range(len(values))], values, width, label=variant, color=colors[variant])
         ax.set_xticks([j + 1.5 * width for j in range(len(result["models"]))],
                       [m.split("_patch")[0] for m in result["models"]])
@@ -167,6 +189,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (median reported)")
     parser.add_argument("--rounds", type=int, default=2, help="fresh processes per variant, interleaved")
+    parser.add_argument("--no-lowmem", action="store_true", help="skip the runs with the memory-returning allocator")
     parser.add_argument("--quick", action="store_true", help="tiny models: a smoke test, not a result")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
@@ -175,17 +198,18 @@ def main(argv: list[str] | None = None) -> dict | None:
         print(json.dumps(worker(*args.worker, args.batch_size, args.steps, args.quick)))
         return None
     result = {"machine": machine_info(), "batch_size": args.batch_size, "steps": args.steps, "rounds": args.rounds,
-              "quick": args.quick, "models": {}}
+              "allocators": ALLOCATORS, "quick": args.quick, "models": {}}
     for name in MODELS:
         figures = in_process_figures(name, args)
-        timed = interleaved_rounds(name, args)
+        timed = interleaved_rounds(name, args, VARIANTS, "default")
         rows = {variant: {**figures.get(variant, {}), **timed[variant]} for variant in VARIANTS}
         rows["int2"] = figures["int2"]
-        for variant in VARIANTS:
-            rows[variant]["peak_ratio"] = rows[variant]["peak_rss_mb"] / rows["exact"]["peak_rss_mb"]
-            rows[variant]["time_ratio"] = rows[variant]["step_s"] / rows["exact"]["step_s"]
-            if rows["exact"].get("step_peak_mb"):
-                rows[variant]["step_peak_ratio"] = rows[variant]["step_peak_mb"] / rows["exact"]["step_peak_mb"]
+        add_ratios(rows)
+        if not args.no_lowmem:
+            lowmem = interleaved_rounds(name, args, LOWMEM_VARIANTS, "lowmem")
+            add_ratios(lowmem)
+            for variant, row in lowmem.items():
+                rows[variant]["lowmem"] = row
         result["models"][name] = rows
         for variant, row in rows.items():
             print(f"{name:<30} {variant:<10} " + "  ".join(

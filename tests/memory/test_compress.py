@@ -12,10 +12,12 @@ from leanformer import create_model
 from leanformer.memory import (
     CompressionConfig,
     compress_activations,
+    compression_of,
     compression_stats,
     decompress_activations,
     saved_activation_bytes,
 )
+from leanformer.memory.compress import _memory_order
 
 
 def tiny_swin() -> nn.Module:
@@ -219,3 +221,20 @@ def test_running_ranges_follow_each_site_of_a_frozen_model():
         model(torch.randn(4, 3, 32, 32)).sum()
     stats = compression_stats(model)
     assert stats["running_sites"] > 20 and stats["clipped_fraction"] < 0.05
+
+
+def test_permuted_saved_tensors_are_quantised_in_memory_order():
+    """Channels-last maps and transposed operands are quantised without a copy and come back with their strides."""
+    x = torch.randn(2, 8, 16, 16).to(memory_format=torch.channels_last)
+    assert _memory_order(x) == (0, 2, 3, 1)
+    assert _memory_order(torch.randn(3, 20, 12).transpose(1, 2)) == (0, 2, 1)
+    assert _memory_order(torch.randn(6, 6)[:, :3]) is None  # not a dense block: quantising copies it
+    net = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.GELU(), nn.Conv2d(8, 4, 3, padding=1))
+    net = net.to(memory_format=torch.channels_last)
+    exact = grads_of(net, x)
+    compressed = compress_activations(copy.deepcopy(net), CompressionConfig(bits=8, min_numel=16))
+    assert relative_error(grads_of(compressed, x), exact) < 0.03
+    stored = compression_of(compressed)._quantize(x, ("0", "conv", 0))
+    out = stored.unpack()
+    assert out.shape == x.shape and out.stride() == x.stride()
+    assert float((out - x).abs().max()) <= float(stored.payload.step.max()) * 1.01

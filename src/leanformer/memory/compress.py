@@ -142,6 +142,7 @@ class _Stored:
     payload: object
     shape: torch.Size | None = None
     dtype: torch.dtype | None = None
+    order: tuple[int, ...] | None = None  # quantized in this dim order (memory order of a permuted tensor)
     _unpacked: weakref.ref | None = field(default=None, repr=False)
 
     def unpack(self) -> torch.Tensor:
@@ -156,8 +157,19 @@ class _Stored:
             out = Q.unpack_mask(self.payload, self.shape).to(self.dtype)
         else:
             out = Q.dequantize(self.payload)
+            if self.order is not None:  # back to the saved tensor's dim order and strides
+                out = out.permute(tuple(sorted(range(len(self.order)), key=self.order.__getitem__)))
         self._unpacked = weakref.ref(out)
         return out
+
+
+def _memory_order(x: torch.Tensor) -> tuple[int, ...] | None:
+    """The dim order in which a non-contiguous but dense tensor is contiguous (channels-last: N, H, W, C), or None
+    when x is contiguous already or not a permutation of a contiguous block (then quantising copies it)."""
+    if x.is_contiguous():
+        return None
+    order = tuple(sorted(range(x.ndim), key=lambda d: (-x.stride(d), -x.shape[d])))
+    return order if x.permute(order).is_contiguous() else None
 
 
 class ActivationCompressor:
@@ -254,6 +266,9 @@ class ActivationCompressor:
 
     def _quantize(self, x: torch.Tensor, site: tuple) -> _Stored | None:
         cfg = self.config
+        shape, order = x.shape, _memory_order(x)
+        if order is not None:  # e.g. channels-last maps, transposed operands: quantise in memory order, no copy
+            x = x.permute(order)
         # one range per head only for attention operands (B, heads, N, D); NHWC maps etc. per channel
         group = cfg.group if cfg.group != "head" or (x.ndim == 4 and site[1] == "attention") else "channel"
         lo, hi = Q.group_minmax(x, group)
@@ -272,7 +287,7 @@ class ActivationCompressor:
             self.clipped += int(q.clipped)
             self.counted_values += x.numel()
         self.quantized_values += x.numel()
-        return _Stored("quantized", q, x.shape, x.dtype)
+        return _Stored("quantized", q, shape, x.dtype, order)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         """A private RNG for stochastic rounding, so dropout and drop-path draw the same numbers as without

@@ -12,6 +12,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -40,6 +42,17 @@ struct Layout {
 Layout layout_of(int64_t rows, int64_t cols, bool per_col, int64_t period) {
   TORCH_CHECK(rows >= 0 && cols > 0 && period > 0, "bad layout");
   return Layout{rows, cols, period, per_col};
+}
+
+// Asks for 2 MB pages for a large output about to be written for the first time: a fresh multi-megabyte
+// allocation is otherwise faulted in 4 KB at a time, which costs more than the kernel itself. Only the
+// 2 MB-aligned interior is advised; it is a hint (ignored where transparent huge pages are off).
+void advise_huge_pages(void* data, int64_t nbytes) {
+  constexpr uintptr_t kHuge = 2u << 20;
+  if (nbytes < static_cast<int64_t>(4 * kHuge)) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + static_cast<uintptr_t>(nbytes)) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
 }
 
 // Calls f(flat_start, length, row, col) for the row segments of the flat range [e0, e1).
@@ -130,56 +143,53 @@ void minmax_impl(const scalar_t* x, int64_t numel, const Layout& L, int64_t n_st
   }
 }
 
-template <typename scalar_t>
+// One run of consecutive elements sharing a row: scale, count clipping, add noise, clamp, truncate to codes,
+// in a single loop (the statistics advance with the column when PER_COL, else are one group's).
+template <bool PER_COL, bool STOCHASTIC, bool COUNT, typename scalar_t>
+inline int64_t quantize_run(const scalar_t* p, int64_t len, const float* lo, const float* inv, float levels,
+                            uint32_t first, uint32_t seed, uint8_t* codes) {
+  constexpr float slack = 1e-3f, unit = 1.f / 16777216.f;
+  int64_t outside = 0;
+  for (int64_t i = 0; i < len; ++i) {
+    const float t = (static_cast<float>(p[i]) - lo[PER_COL ? i : 0]) * inv[PER_COL ? i : 0];
+    if (COUNT) outside += (t < -slack) | (t > levels + slack);
+    float u = 0.5f;
+    if (STOCHASTIC) {  // u in (0, 1): midpoints of 2^24 bins, unbiased up to 2^-25 of a step; int32 maths vectorises
+      const uint32_t h = hash32(((first + static_cast<uint32_t>(i)) * 0x9E3779B1U) ^ seed);
+      u = static_cast<float>(static_cast<int32_t>(h >> 8)) * unit + 0.5f * unit;
+    }
+    float v = t + u;
+    v = v > 0.f ? v : 0.f;  // also maps NaN to 0
+    v = v < levels ? v : levels;
+    codes[i] = static_cast<uint8_t>(static_cast<int32_t>(v));  // truncation = floor for v >= 0
+  }
+  return outside;
+}
+
+template <bool STOCHASTIC, bool COUNT, typename scalar_t>
 int64_t quantize_impl(const scalar_t* x, int64_t numel, const Layout& L, const float* lo, const float* inv,
-                      int bits, bool stochastic, uint32_t seed, bool count_clipped, uint8_t* out) {
+                      int bits, uint32_t seed, uint8_t* out) {
   const int64_t n_codes = L.rows * L.cols;
   const float levels = static_cast<float>((1 << bits) - 1);
-  const float slack = 1e-3f;
   std::vector<int64_t> clipped(at::get_num_threads(), 0);
   at::parallel_for(0, (n_codes + kBlock - 1) / kBlock, 16, [&](int64_t b0, int64_t b1) {
-    alignas(64) float t[kBlock];
     alignas(64) uint8_t codes[kBlock];
     int64_t outside = 0;
     for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t e0 = blk * kBlock, e1 = std::min(e0 + kBlock, n_codes), real = std::min(e1, numel);
-      // scale into t (padding codes of the last int group decode to lo: t = 0)
-      if (real > e0) {
-        for_segments(L, e0, real, [&](int64_t s, int64_t len, int64_t row, int64_t col) {
-          const scalar_t* p = x + s;
-          float* q = t + (s - e0);
-          if (L.per_col) {
-            for (int64_t i = 0; i < len; ++i) q[i] = (static_cast<float>(p[i]) - lo[col + i]) * inv[col + i];
-          } else {
-            const int64_t g = L.stat(row, col);
-            const float l = lo[g], s_inv = inv[g];
-            for (int64_t i = 0; i < len; ++i) q[i] = (static_cast<float>(p[i]) - l) * s_inv;
-          }
-        });
-      }
-      const int64_t n = e1 - e0, n_real = std::max<int64_t>(real - e0, 0);
-      for (int64_t i = n_real; i < n; ++i) t[i] = 0.f;
-      if (count_clipped) {
-        int64_t c = 0;
-        for (int64_t i = 0; i < n_real; ++i) c += (t[i] < -slack) | (t[i] > levels + slack);
-        outside += c;
-      }
-      if (stochastic) {
-        // u in (0, 1): the midpoints of 2^24 bins, unbiased up to 2^-25 of a step (int32 maths vectorises)
-        const uint32_t base = static_cast<uint32_t>(e0);
-        for (int64_t i = 0; i < n; ++i) {
-          const uint32_t h = hash32(((base + static_cast<uint32_t>(i)) * 0x9E3779B1U) ^ seed);
-          t[i] += static_cast<float>(static_cast<int32_t>(h >> 8)) * (1.f / 16777216.f) + (0.5f / 16777216.f);
+      const int64_t e0 = blk * kBlock, e1 = std::min(e0 + kBlock, n_codes), real = std::max(std::min(e1, numel), e0);
+      for_segments(L, e0, real, [&](int64_t s, int64_t len, int64_t row, int64_t col) {
+        const uint32_t first = static_cast<uint32_t>(s);
+        if (L.per_col) {
+          outside += quantize_run<true, STOCHASTIC, COUNT>(x + s, len, lo + col, inv + col, levels, first, seed,
+                                                             codes + (s - e0));
+        } else {
+          const int64_t g = L.stat(row, col);
+          outside += quantize_run<false, STOCHASTIC, COUNT>(x + s, len, lo + g, inv + g, levels, first, seed,
+                                                              codes + (s - e0));
         }
-      } else {
-        for (int64_t i = 0; i < n; ++i) t[i] += 0.5f;
-      }
-      for (int64_t i = 0; i < n; ++i) {
-        float v = t[i];
-        v = v > 0.f ? v : 0.f;  // also maps NaN to 0
-        v = v < levels ? v : levels;
-        codes[i] = static_cast<uint8_t>(v);  // truncation = floor for v >= 0
-      }
+      });
+      std::fill(codes + (real - e0), codes + (e1 - e0), 0);  // padding of the last int group decodes to lo
+      const int64_t n = e1 - e0;
       uint8_t* dst = out + e0 * bits / 8;
       switch (bits) {
         case 8: std::copy(codes, codes + n, dst); break;
@@ -255,11 +265,18 @@ int64_t quantize_pack(torch::Tensor x, int64_t rows, int64_t cols, bool per_col,
   check_stats(inv_step, stats_count(L), "inv_step");
   TORCH_CHECK(out.scalar_type() == torch::kUInt8 && out.is_contiguous() && out.numel() == (rows * cols * bits + 7) / 8,
               "out must be a contiguous uint8 tensor of ceil(rows * cols * bits / 8) bytes");
+  advise_huge_pages(out.data_ptr(), out.numel());
   int64_t clipped = 0;
+  const uint32_t seed32 = static_cast<uint32_t>(seed);
   AT_DISPATCH_FLOATING_TYPES_AND2(torch::kBFloat16, torch::kHalf, x.scalar_type(), "quantize_pack", [&] {
-    clipped = quantize_impl<scalar_t>(x.data_ptr<scalar_t>(), x.numel(), L, lo.data_ptr<float>(),
-                                      inv_step.data_ptr<float>(), static_cast<int>(bits), stochastic,
-                                      static_cast<uint32_t>(seed), count_clipped, out.data_ptr<uint8_t>());
+    const scalar_t* px = x.data_ptr<scalar_t>();
+    const float *plo = lo.data_ptr<float>(), *pinv = inv_step.data_ptr<float>();
+    uint8_t* po = out.data_ptr<uint8_t>();
+    const int b = static_cast<int>(bits);
+    if (stochastic && count_clipped) clipped = quantize_impl<true, true>(px, x.numel(), L, plo, pinv, b, seed32, po);
+    else if (stochastic) clipped = quantize_impl<true, false>(px, x.numel(), L, plo, pinv, b, seed32, po);
+    else if (count_clipped) clipped = quantize_impl<false, true>(px, x.numel(), L, plo, pinv, b, seed32, po);
+    else clipped = quantize_impl<false, false>(px, x.numel(), L, plo, pinv, b, seed32, po);
   });
   return clipped;
 }
@@ -273,6 +290,7 @@ void unpack_dequantize(torch::Tensor packed, int64_t rows, int64_t cols, bool pe
   TORCH_CHECK(out.numel() <= rows * cols && packed.numel() * 8 >= out.numel() * bits, "out does not fit the codes");
   check_stats(lo, stats_count(L), "lo");
   check_stats(step, stats_count(L), "step");
+  advise_huge_pages(out.data_ptr(), out.numel() * out.element_size());
   AT_DISPATCH_FLOATING_TYPES_AND2(torch::kBFloat16, torch::kHalf, out.scalar_type(), "unpack_dequantize", [&] {
     dequantize_impl<scalar_t>(packed.data_ptr<uint8_t>(), out.numel(), L, lo.data_ptr<float>(),
                               step.data_ptr<float>(), static_cast<int>(bits), out.data_ptr<scalar_t>());
