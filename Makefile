@@ -30,6 +30,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/backbones.py
 	$(PY) benchmarks/memory.py
 	$(PY) benchmarks/memory_accuracy.py
+	$(PY) benchmarks/quantize_kernels.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
