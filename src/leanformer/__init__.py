@@ -1,6 +1,6 @@
 """leanformer: cheaper Transformers and MLP vision models to train, run and adapt.
 
-The public API is re-exported here; see the packages `models`, `memory`, `data`, `train`.
+The public API is re-exported here; see the packages `models`, `memory`, `sparsity`, `data`, `train`.
 """
 
 from .data import DataSplit, load_data
@@ -13,23 +13,45 @@ from .memory import (
     saved_activation_bytes,
 )
 from .models import create_model, list_models, load_checkpoint
+from .sparsity import (
+    FATReLU,
+    FFNSpec,
+    ProSparseSchedule,
+    SparsityRegularizer,
+    SparsityReport,
+    TopK,
+    apply_topk,
+    find_ffns,
+    measure_sparsity,
+    relufy,
+)
 from .train import TrainConfig, Trainer, TrainResult
 
 __version__ = "0.1.0"
 __all__ = [
     "CompressionConfig",
     "DataSplit",
+    "FATReLU",
+    "FFNSpec",
+    "ProSparseSchedule",
     "SavedActivationReport",
+    "SparsityRegularizer",
+    "SparsityReport",
+    "TopK",
     "TrainConfig",
     "TrainResult",
     "Trainer",
     "__version__",
+    "apply_topk",
     "compress_activations",
     "compression_stats",
     "create_model",
     "decompress_activations",
+    "find_ffns",
     "list_models",
     "load_checkpoint",
     "load_data",
+    "measure_sparsity",
+    "relufy",
     "saved_activation_bytes",
 ]

@@ -1,0 +1,119 @@
+"""Sparse FFN activations: ReLU, FATReLU (ProSparse) and per-token top-k (Lazy Neuron), and ReLUfication.
+
+The Lazy Neuron Phenomenon (Li et al., ICLR 2023) observes that the FFN activation maps of ReLU
+Transformers are very sparse and that keeping only the k largest activations per token (`TopK`)
+costs no accuracy. ProSparse (Song et al. 2024) makes a gated LLM sparse by swapping its gate
+activation for ReLU (`relufy`), training with an L1 penalty, and finally raising the cut-off to a
+small positive threshold (`FATReLU`, t = 0.01 in the paper). Zeros in the FFN intermediate output
+are the work sparse inference skips.
+
+`relufy` and `apply_topk` edit the FFNs found by `find_ffns` (ours, timm, Hugging Face) in place.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn as nn
+
+from .ffn import FFNSpec, find_ffns
+
+__all__ = ["RELUFY_ACTIVATIONS", "FATReLU", "TopK", "apply_topk", "relufy"]
+
+RELUFY_ACTIVATIONS = ("relu", "fatrelu")
+
+
+class FATReLU(nn.Module):
+    """Forward-activated threshold ReLU: x if x >= threshold else 0 (ProSparse step 3).
+
+    A small positive threshold zeroes the weak positive activations plain ReLU keeps, which adds
+    sparsity at a small cost in quality (the paper sweeps t = 0.005..0.02). The gradient is 1 where
+    x is kept and 0 where it is zeroed; threshold 0 is ReLU except that the gradient at exactly 0 is 1.
+    """
+
+    def __init__(self, threshold: float = 0.0):
+        super().__init__()
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) \
+                or threshold < 0:
+            raise ValueError(f"FATReLU threshold must be a finite number >= 0, got {threshold!r}")
+        self.threshold = float(threshold)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.masked_fill(x < self.threshold, 0)
+
+    def extra_repr(self) -> str:
+        return f"threshold={self.threshold}"
+
+
+class TopK(nn.Module):
+    """Keep the k largest values along the last dimension (per token) and zero the rest (Lazy Neuron).
+
+    Meant to follow the FFN activation (`apply_topk` places it after ReLU/GELU/...): it ranks the
+    activation outputs by value, not by magnitude, so after GELU a large negative output is dropped.
+    The gradient reaches only the kept entries. With k >= the size of the last dimension it is the
+    identity. Ties are broken by `torch.topk`, so exactly k positions are kept.
+    """
+
+    def __init__(self, k: int):
+        super().__init__()
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"TopK k must be an integer >= 1, got {k!r}")
+        self.k = k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.k >= x.shape[-1]:
+            return x
+        values, indices = x.topk(self.k, dim=-1, sorted=False)
+        return torch.zeros_like(x).scatter(-1, indices, values)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}"
+
+
+def relufy(model: nn.Module, activation: str = "relu", threshold: float = 0.0,
+           specs: Iterable[FFNSpec] | None = None) -> nn.Module:
+    """Replace the activation of every FFN of ``model`` with ReLU or FATReLU(threshold), in place; return ``model``.
+
+    In a gated FFN (LLaMA) the gate activation is replaced, as ProSparse does, so x1 = relu(gate(x)) * up(x)
+    is zero wherever the gate is. Without further training the outputs change (the model was trained with
+    its original activation): ProSparse continues training after this step.
+
+    If `apply_topk` was applied before, the activation inside its wrapper is replaced and the TopK kept.
+    For Hugging Face models the config is left as it is (``config.hidden_act`` may also drive non-FFN layers,
+    e.g. BERT's MLM head): a model saved with ``save_pretrained`` must be relufied again after loading.
+    """
+    if activation not in RELUFY_ACTIVATIONS:
+        raise ValueError(f"relufy activation must be one of {RELUFY_ACTIVATIONS}, got {activation!r}")
+    if activation == "relu" and threshold != 0:
+        raise ValueError(f"relufy threshold={threshold!r} applies only to activation='fatrelu' "
+                         "(ReLU's threshold is 0)")
+    if activation == "fatrelu":
+        FATReLU(threshold)  # validate before touching the model
+    for ffn in find_ffns(model, specs):
+        new = nn.ReLU() if activation == "relu" else FATReLU(threshold)
+        if _is_topk_wrapped(ffn.act):
+            ffn.act[0] = new  # keep the TopK that apply_topk added
+        else:
+            ffn.set_act(new)
+    return model
+
+
+def apply_topk(model: nn.Module, k: int, specs: Iterable[FFNSpec] | None = None) -> nn.Module:
+    """Follow every FFN activation of ``model`` with `TopK(k)`, in place; return ``model``.
+
+    The activation becomes ``nn.Sequential(old_act, TopK(k))``; applying again replaces the k rather than
+    stacking a second TopK. In a gated FFN the top-k is taken over act(gate(x)), before the product with
+    up(x): x1 then has at most k nonzeros per token, the positions of the k largest gate activations.
+    """
+    TopK(k)  # validate before touching the model
+    for ffn in find_ffns(model, specs):
+        act = ffn.act[0] if _is_topk_wrapped(ffn.act) else ffn.act
+        ffn.set_act(nn.Sequential(act, TopK(k)))
+    return model
+
+
+def _is_topk_wrapped(act: nn.Module) -> bool:
+    """Whether ``act`` is what `apply_topk` sets: Sequential(activation, TopK)."""
+    return isinstance(act, nn.Sequential) and len(act) == 2 and isinstance(act[1], TopK)
