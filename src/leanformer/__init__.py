@@ -16,6 +16,7 @@ from .models import create_model, list_models, load_checkpoint
 from .sparsity import (
     FATReLU,
     FFNSpec,
+    ProSparseConfig,
     ProSparseSchedule,
     SparsityRegularizer,
     SparsityReport,
@@ -23,6 +24,7 @@ from .sparsity import (
     apply_topk,
     find_ffns,
     measure_sparsity,
+    prosparse,
     relufy,
 )
 from .train import TrainConfig, Trainer, TrainResult
@@ -33,6 +35,7 @@ __all__ = [
     "DataSplit",
     "FATReLU",
     "FFNSpec",
+    "ProSparseConfig",
     "ProSparseSchedule",
     "SavedActivationReport",
     "SparsityRegularizer",
@@ -52,6 +55,7 @@ __all__ = [
     "load_checkpoint",
     "load_data",
     "measure_sparsity",
+    "prosparse",
     "relufy",
     "saved_activation_bytes",
 ]

@@ -89,6 +89,17 @@ def load_checkpoint_folder(folder: str | Path) -> tuple[dict[str, torch.Tensor],
     return load_file(str(state_path)), meta
 
 
+def check_same_run(saved: dict, current: dict, resumable: tuple[str, ...] = ()) -> None:
+    """Refuse to resume a checkpoint under a different configuration (it would not be the same run).
+
+    `saved` and `current` are config dicts as JSON gives them back; fields in `resumable` may differ.
+    """
+    changed = sorted(k for k in set(saved) | set(current) if k not in resumable and saved.get(k) != current.get(k))
+    if changed:
+        details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in changed)
+        raise ValueError(f"cannot resume: the configuration differs from the checkpoint's ({details})")
+
+
 def resolve_resume_folder(path: str | Path) -> Path:
     """Accept a run's output folder (resume from its `last/`) or a checkpoint folder itself."""
     path = Path(path)

@@ -32,6 +32,7 @@ from ..data import load_data
 from ..memory import CompressionConfig, compress_activations, saved_activation_bytes
 from ..models import create_model
 from .checkpoint import (
+    check_same_run,
     load_checkpoint_folder,
     resolve_resume_folder,
     restore_training_state,
@@ -68,15 +69,6 @@ class TrainResult:
 
 # fields a resumed run may change: they do not alter what has been computed so far
 RESUMABLE_CHANGES = ("epochs", "workers")
-
-
-def check_same_run(saved: dict, current: dict) -> None:
-    """Refuse to resume a checkpoint under a different configuration (it would not be the same run)."""
-    changed = sorted(k for k in set(saved) | set(current)
-                     if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
-    if changed:
-        details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in changed)
-        raise ValueError(f"cannot resume: the configuration differs from the checkpoint's ({details})")
 
 
 class Trainer:
@@ -135,7 +127,7 @@ class Trainer:
         start_epoch, step, best_acc, history = 0, 0, 0.0, []
         if resume is not None:
             tensors, meta = load_checkpoint_folder(resolve_resume_folder(resume))
-            check_same_run(meta["config"], cfg.to_dict())
+            check_same_run(meta["config"], cfg.to_dict(), RESUMABLE_CHANGES)
             restore_training_state(model, optimizer, tensors, meta["param_groups"])
             start_epoch, step, best_acc, history = meta["epoch"], meta["step"], meta["best_val_acc"], meta["history"]
         net = DistributedDataParallel(model) if ctx.enabled else model

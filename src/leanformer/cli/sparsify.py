@@ -1,0 +1,252 @@
+"""`leanformer sparsify`: ProSparse on a Hugging Face causal LM folder or one of our backbones."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, Dataset
+
+from .._io import atomic_write, write_json_atomic
+from ..data import lm_batches, lm_eval_batches, load_data, load_text, load_tokenizer
+from ..models import create_model, is_model
+from ..sparsity.prosparse import ProSparseConfig, ProSparseResult, prosparse
+
+DEFAULTS = ProSparseConfig()
+DEFAULT_VAL_FRACTION = 0.1
+
+# CLI option -> (ProSparseConfig field, type, help). Defaults are shown from ProSparseConfig.
+OPTIONS = {
+    "--steps": ("steps", int, "optimiser steps in total, the ReLU-only phase included"),
+    "--relu-steps": ("relu_steps", int, "steps of step 1 (ReLU, no regularisation); default: the paper's share, "
+                     "5000/16500 of --steps"),
+    "--stages": ("stages", str, "regularisation stages of step 2 as JSON [[end_step, lambda], ...], end steps counted "
+                 "from the end of the ReLU-only phase; default: ProSparse-7B's stages scaled to the steps left"),
+    "--threshold": ("threshold", float, "FATReLU threshold of step 3 (0 keeps plain ReLU)"),
+    "--lr": ("lr", float, "peak AdamW learning rate after warmup, cosine decay to --min-lr (the paper's 7B value; "
+             "small models need more, e.g. 1e-3)"),
+    "--min-lr": ("min_lr", float, "learning rate at the end of the cosine schedule"),
+    "--warmup-steps": ("warmup_steps", int, "steps of linear learning-rate warmup"),
+    "--weight-decay": ("weight_decay", float, "AdamW weight decay (not applied to norms and biases)"),
+    "--clip-grad": ("clip_grad", float, "clip the gradient norm to this value"),
+    "--batch-size": ("batch_size", int, "sequences (or images) per step"),
+    "--seq-len": ("seq_len", int, "tokens per training sequence (language models)"),
+    "--eval-every": ("eval_every", int, "evaluate loss and sparsity, and checkpoint, every this many steps"),
+    "--seed": ("seed", int, "seed for the batches drawn and the model's randomness: equal seeds give equal runs"),
+    "--normalization": ("normalization", str, "L1 term per layer: 'mean' over tokens and units, or the paper's 'sum'"),
+}
+
+DESCRIPTION = (
+    "Make a model's FFN activations sparse with ProSparse (Song et al. 2024) in three steps: (1) the FFN "
+    "activation (LLaMA's SiLU gate, a backbone's GELU) becomes ReLU and training continues for --relu-steps; "
+    "(2) training goes on with an L1 penalty lambda * sum over layers of |x1| on the FFN intermediate activations, "
+    "lambda raised stage by stage along sine curves (--stages, default ProSparse-7B's table scaled to --steps); "
+    "(3) ReLU becomes FATReLU, which also zeroes activations below --threshold. --model is a Hugging Face causal "
+    "LM folder (save_pretrained layout; --data a UTF-8 text file, bytes as tokens unless the folder has a "
+    "tokenizer) or a registered backbone (--data as for `leanformer train`). The model is written to --out in the "
+    "format it was read, with sparsity.json and sparsity.png; checkpoints in --out/checkpoint allow --resume."
+)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("sparsify", help="make FFN activations sparse (ProSparse: ReLU, L1 schedule, FATReLU)",
+                       description=DESCRIPTION)
+    p.add_argument("--model", required=True,
+                   help="Hugging Face causal LM folder (config.json + model.safetensors) or registered backbone name")
+    p.add_argument("--data", default=None,
+                   help="causal LM: a UTF-8 text file (the last --val-fraction is validation); backbone: 'digits' "
+                   "(default), an MNIST idx folder or an image folder")
+    p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
+                   help=f"share of the data held out for evaluation (default: {DEFAULT_VAL_FRACTION})")
+    p.add_argument("--checkpoint", default=None,
+                   help="backbone weights to start from (.safetensors or .pth, as `leanformer forward` reads)")
+    p.add_argument("--img-size", type=int, default=None, help="backbone input size (default: the data's)")
+    for flag, (name, kind, text) in OPTIONS.items():
+        default = getattr(DEFAULTS, name)
+        p.add_argument(flag, dest=name, type=kind, default=argparse.SUPPRESS,
+                       help=text if default is None else f"{text} (default: {default})")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for the sparsified model, sparsity.json, sparsity.png and checkpoint/ "
+                   "(default: runs/sparsify-<time>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run checkpointed in --out/checkpoint (give the same options as the first run)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or per-evaluation lines")
+    p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
+    p.set_defaults(run=run)
+
+
+def build_config(args: argparse.Namespace) -> ProSparseConfig:
+    given = {name: getattr(args, name) for name, _, _ in OPTIONS.values() if hasattr(args, name)}
+    if "stages" in given:
+        try:
+            given["stages"] = json.loads(given["stages"])
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--stages {given['stages']!r}: not JSON ({err}); expected e.g. "
+                             "[[100, 0.005], [400, 0.05]]") from err
+    return ProSparseConfig(**given)
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def check_causal_lm_folder(folder: Path) -> None:
+    """Refuse, naming the file, a folder that is not a Hugging Face causal LM in save_pretrained layout."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"--model {folder}: no config.json; expected a Hugging Face causal LM folder "
+                         "(save_pretrained layout) or a registered backbone name (see `leanformer models`)")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_path}: not valid JSON ({err})") from err
+    architectures = config.get("architectures") if isinstance(config, dict) else None
+    if not isinstance(architectures, list) or not any(str(a).endswith("ForCausalLM") for a in architectures):
+        raise ValueError(f"{config_path}: architectures {architectures!r} is not a causal language model "
+                         "(expected a *ForCausalLM such as LlamaForCausalLM)")
+
+
+@contextmanager
+def hf_progress_bars(enabled: bool) -> Iterator[None]:
+    """Show or hide transformers' loading/saving bars inside the block; its switch is process-wide, so the
+    previous setting is put back afterwards."""
+    from transformers.utils import logging as hf_logging  # imported here: transformers is slow to import
+
+    were_enabled = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if were_enabled else hf_logging.disable_progress_bar)()
+
+
+def load_causal_lm(folder: Path) -> nn.Module:
+    """A Hugging Face causal LM from a local folder (nothing is downloaded); ValueError naming the folder."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"--model {folder}: could not load the causal LM: {_first_line(err)}") from err
+
+
+def _endless(dataset: Dataset, batch_size: int, seed: int) -> Iterator:
+    """Shuffled epochs of ``dataset`` one after another, the order fixed by ``seed``."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(seed))
+    while True:
+        yield from loader
+
+
+def _save_hf(model: nn.Module, tokenizer, out: Path) -> None:
+    """save_pretrained into a temporary folder inside ``out``, then move each file into place atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".save-") as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for path in Path(tmp).iterdir():
+            os.chmod(path, 0o644)  # as _io.atomic_write: meant to be shared (transformers may create them 0600)
+            os.replace(path, out / path.name)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = build_config(args)
+    if args.resume and args.out is None:
+        raise ValueError("--resume needs --out, the folder of the run to continue")
+    out = args.out or Path("runs") / time.strftime("sparsify-%Y%m%d-%H%M%S")
+    checkpoint_dir = out / "checkpoint"
+    if args.resume and not (checkpoint_dir / "meta.json").is_file():
+        raise ValueError(f"--resume: no checkpoint in {checkpoint_dir}")
+    threshold, backbone = config.threshold, is_model(args.model)
+
+    if backbone:
+        data = load_data(args.data or "digits", img_size=args.img_size, val_fraction=args.val_fraction,
+                         seed=config.seed)
+        if len(data.train) < config.batch_size:
+            raise ValueError(f"batch_size={config.batch_size} is larger than the training set ({len(data.train)} "
+                             "images)")
+        model = create_model(args.model, checkpoint_path=args.checkpoint, in_chans=data.in_chans,
+                             num_classes=data.num_classes, img_size=data.img_size)
+        train_batches = _endless(data.train, config.batch_size, config.seed)
+        eval_batches = DataLoader(data.val, batch_size=config.batch_size)
+        source, tokenizer = data.source, None
+    else:
+        folder = Path(args.model)
+        if not folder.is_dir():
+            raise ValueError(f"--model {args.model!r}: not a registered backbone (see `leanformer models`) and no "
+                             "such folder")
+        check_causal_lm_folder(folder)
+        for flag, value in (("--checkpoint", args.checkpoint), ("--img-size", args.img_size)):
+            if value is not None:
+                raise ValueError(f"{flag} applies to registered backbones only, not to a Hugging Face folder")
+        if args.data is None:
+            raise ValueError("--data: a causal LM needs a UTF-8 text file to train on")
+        with hf_progress_bars(not args.no_progress):
+            model = load_causal_lm(folder)
+        tokenizer = load_tokenizer(folder)
+        text = load_text(args.data, args.val_fraction, config.seq_len, tokenizer)
+        largest = max(int(text.train.max()), int(text.val.max()))
+        if largest >= model.config.vocab_size:
+            raise ValueError(f"{folder / 'config.json'}: vocab_size={model.config.vocab_size} is too small for the "
+                             f"data, token id {largest} in {text.source}")
+        train_batches = lm_batches(text.train, config.batch_size, config.seq_len,
+                                   torch.Generator().manual_seed(config.seed))
+        eval_batches = lm_eval_batches(text.val, config.batch_size, config.seq_len)
+        source = text.source
+
+    result = prosparse(model, train_batches, config, eval_batches, progress=not args.no_progress,
+                       checkpoint_dir=checkpoint_dir, resume=args.resume)
+    if not backbone:
+        hidden_act = model.config.hidden_act
+        model.config.hidden_act = "relu"  # the activation it was trained with; FATReLU(0) is ReLU exactly
+        with hf_progress_bars(not args.no_progress):
+            _save_hf(model, tokenizer, out)
+        fatrelu = ("FATReLU with threshold 0 is ReLU: from_pretrained gives the sparsified model as it is"
+                   if threshold == 0 else
+                   f"from_pretrained gives ReLU; apply leanformer.sparsity.relufy(model, 'fatrelu', {threshold}) "
+                   "for the sparsified model exactly")
+        note = f"config.hidden_act set to 'relu' (was {hidden_act!r}); {fatrelu}"
+        weights = out
+    else:
+        weights = out / "model.safetensors"
+        state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}  # no shared storage
+        atomic_write(weights, lambda tmp: save_file(state, tmp, metadata={"model": args.model}))
+        note = (f"weights only: create_model({args.model!r}, checkpoint_path=...) builds it with its original "
+                f"activation; apply leanformer.sparsity.relufy(model, 'fatrelu', {threshold}) for the sparsified model")
+    payload = {"model": args.model, "data": source, "output": str(weights), "activation": note, **result.to_dict()}
+    write_json_atomic(out / "sparsity.json", payload)
+    result.report.plot(out / "sparsity.png", title=f"{args.model} after ProSparse (FATReLU t={threshold:g}): "
+                       f"sparsity {result.final_sparsity:.3f}")
+    summarize(args, payload, result, out)
+    return 0
+
+
+def summarize(args: argparse.Namespace, payload: dict, result: ProSparseResult, out: Path) -> None:
+    if args.json:
+        print(json.dumps({k: v for k, v in payload.items() if k not in ("history", "report")}, indent=2))
+        return
+    relu = result.history[-1]  # the last evaluation, after the last step, still with ReLU
+    rows = [
+        ("model", args.model), ("data", payload["data"]), ("steps", result.config["steps"]),
+        ("schedule (end step, lambda)", ", ".join(f"({end}, {lam:g})" for end, lam in result.schedule)),
+        ("val loss", f"{result.initial_val_loss:.4f} given -> {relu['val_loss']:.4f} ReLU -> "
+                     f"{result.final_val_loss:.4f} FATReLU (perplexity {result.final_perplexity:.2f})"),
+        ("sparsity", f"{result.initial_sparsity:.4f} given -> {relu['sparsity']:.4f} ReLU -> "
+                     f"{result.final_sparsity:.4f} FATReLU"),
+        ("train time", f"{result.seconds:.1f} s"),
+        ("model written to", payload["output"]), ("activation", payload["activation"]),
+        ("report", f"{out / 'sparsity.json'}, {out / 'sparsity.png'}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))

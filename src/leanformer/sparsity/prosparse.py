@@ -1,0 +1,352 @@
+"""ProSparse end to end: ReLU substitution, progressive sparsity regularisation, FATReLU.
+
+ProSparse (Song et al., "ProSparse: Introducing and Enhancing Intrinsic Activation Sparsity within Large
+Language Models", 2024) turns a model whose FFNs use a smooth activation (LLaMA's SiLU gate, GELU) into one
+whose FFN intermediate activations x₁ are mostly exact zeros, in three steps:
+
+1. replace the FFN activation with ReLU and continue training without regularisation (λ = 0);
+2. keep training with λ·Σ_layers ‖x₁‖₁ added to the loss, λ raised stage by stage along sine curves
+   (`ProSparseSchedule`; the paper's LLaMA2-7B table by default, scaled to the run);
+3. replace ReLU with FATReLU(t), which also zeroes the weak positive activations below t (t = 0.01).
+
+`prosparse(model, train_batches, config, eval_batches)` runs the three steps in place with AdamW (warmup +
+cosine learning rate), evaluates loss and sparsity every `eval_every` steps, and can checkpoint and resume
+exactly. The task loss is chosen by model class from `TASK_LOSSES`: next-token cross-entropy for Hugging Face
+causal LMs, classification cross-entropy for image backbones; other models pass `loss_fn`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..train.checkpoint import (
+    check_same_run,
+    load_checkpoint_folder,
+    restore_training_state,
+    save_checkpoint,
+    training_state_tensors,
+)
+from ..train.optim import build_optimizer, lr_at, set_lr
+from .activations import relufy
+from .ffn import FFNSpec
+from .measure import SparsityReport, measure_sparsity
+from .regularize import NORMALIZATIONS, PROSPARSE_7B, ProSparseSchedule, SparsityRegularizer, _is_int, _is_real
+
+__all__ = ["TASK_LOSSES", "ProSparseConfig", "ProSparseResult", "causal_lm_loss", "classification_loss", "prosparse",
+           "task_loss_for"]
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+TaskLoss = Callable[[nn.Module, Batch], torch.Tensor]
+
+# the 7B table split into its ReLU-only phase and the regularisation stages after it (end steps relative to it)
+_7B_RELU_STEPS = PROSPARSE_7B[0][0]
+_7B_REGULARIZATION = tuple((end - _7B_RELU_STEPS, lam) for end, lam in PROSPARSE_7B[1:])
+
+
+def causal_lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Mean next-token cross-entropy of a Hugging Face causal LM; batch = (input ids, target ids), both (B, L)."""
+    inputs, targets = batch
+    logits = model(input_ids=inputs, use_cache=False).logits
+    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten())
+
+
+def classification_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Mean cross-entropy of an image classifier returning logits; batch = (images, labels)."""
+    images, labels = batch
+    return F.cross_entropy(model(images), labels)
+
+
+# model class name -> its task loss; the models whose FFNs `find_ffns` knows
+TASK_LOSSES: dict[str, TaskLoss] = {
+    "LlamaForCausalLM": causal_lm_loss,
+    "MistralForCausalLM": causal_lm_loss,
+    "Qwen2ForCausalLM": causal_lm_loss,
+    "SwinTransformer": classification_loss,  # ours and timm's
+    "MSMLP": classification_loss,
+    "VisionTransformer": classification_loss,  # timm
+}
+
+
+def task_loss_for(model: nn.Module) -> TaskLoss:
+    """The loss `TASK_LOSSES` gives ``model``'s class; ValueError naming the known classes otherwise."""
+    name = type(model).__name__
+    if name not in TASK_LOSSES:
+        raise ValueError(f"no task loss known for {name}: known model classes are {sorted(TASK_LOSSES)}; pass "
+                         "loss_fn=f where f(model, (inputs, targets)) returns the mean loss")
+    return TASK_LOSSES[name]
+
+
+@dataclass(frozen=True)
+class ProSparseConfig:
+    """A ProSparse run. Saved with every checkpoint, so a resumed run is checked to be the same run.
+
+    steps: optimiser steps in total, the ReLU-only phase included.
+    relu_steps: steps of step 1 (ReLU, λ = 0). None: the paper's share, 5000 of 16500 steps.
+    stages: the regularisation stages of step 2 as (end step, λ), end steps counted from the end of the
+        ReLU-only phase, read as `ProSparseSchedule` reads a table (first stage a flat warmup, then sine rises);
+        λ holds its last value if they end before ``steps``. None: the paper's 7B stages scaled to the steps left.
+    threshold: FATReLU threshold of step 3 (the paper's 0.01; 0 keeps plain ReLU).
+    lr, min_lr, warmup_steps, weight_decay, clip_grad: AdamW with linear warmup then cosine decay to min_lr, the
+        paper's optimiser (its 7B peak lr is 3e-5; a small model trained here needs more, e.g. 1e-3).
+    batch_size, seq_len: how the data is cut into batches (by the caller, e.g. `lm_batches`); recorded so that a
+        resumed run is checked to read its data the same way.
+    eval_every: evaluate (and checkpoint) every this many steps, and after the last one.
+    seed: seeds torch's global RNG at the start (dropout, drop path); callers seed their data with it too.
+    normalization: of the L1 term, see `SparsityRegularizer` ("mean": λ does not depend on batch or width).
+    """
+
+    steps: int = 1000
+    relu_steps: int | None = None
+    stages: tuple[tuple[int, float], ...] | None = None
+    threshold: float = 0.01
+    lr: float = 3e-5
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    clip_grad: float | None = 1.0
+    batch_size: int = 8
+    seq_len: int = 256
+    eval_every: int = 100
+    seed: int = 0
+    normalization: str = "mean"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "eval_every"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{name}={value!r}: expected a positive integer")
+        if not _is_int(self.warmup_steps) or not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps!r}: expected an integer in [0, steps={self.steps}]")
+        if not _is_int(self.seed):
+            raise ValueError(f"seed={self.seed!r}: expected an integer")
+        if self.relu_steps is not None and (not _is_int(self.relu_steps) or not 0 <= self.relu_steps < self.steps):
+            raise ValueError(f"relu_steps={self.relu_steps!r}: expected an integer in [0, steps={self.steps}) or None "
+                             "(the paper's share of steps)")
+        for name in ("threshold", "lr", "min_lr", "weight_decay"):
+            value = getattr(self, name)
+            if not _is_real(value) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name}={value!r}: expected a finite number >= 0")
+        if self.lr == 0:
+            raise ValueError("lr=0: expected a positive learning rate")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr={self.min_lr}: expected at most lr={self.lr}")
+        if self.clip_grad is not None and (not _is_real(self.clip_grad) or not self.clip_grad > 0):
+            raise ValueError(f"clip_grad={self.clip_grad!r}: expected a positive number or None (no clipping)")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization={self.normalization!r}: expected one of {', '.join(NORMALIZATIONS)}")
+        if self.stages is not None:
+            object.__setattr__(self, "stages", ProSparseSchedule(self.stages).stages)  # validated, as tuples
+            end = self.relu_phase_steps + self.stages[-1][0]
+            if end > self.steps:
+                raise ValueError(f"stages={[list(s) for s in self.stages]}: they end at step {end} (after "
+                                 f"{self.relu_phase_steps} ReLU-only steps), beyond steps={self.steps}")
+        else:
+            left = self.steps - self.relu_phase_steps
+            try:
+                ProSparseSchedule(_7B_REGULARIZATION).scaled(left)
+            except ValueError as err:
+                raise ValueError(f"steps={self.steps}: the {left} steps after the ReLU-only phase are too few for "
+                                 f"the default stages (ProSparse-7B's {len(_7B_REGULARIZATION)}); use more steps "
+                                 "or give stages") from err
+
+    @property
+    def relu_phase_steps(self) -> int:
+        """Length of step 1: ``relu_steps``, or the paper's share of ``steps`` (rounded as `scaled` rounds)."""
+        if self.relu_steps is not None:
+            return self.relu_steps
+        total = PROSPARSE_7B[-1][0]
+        return (_7B_RELU_STEPS * self.steps + total // 2) // total
+
+    @property
+    def schedule(self) -> ProSparseSchedule:
+        """λ over the whole run: 0 for the ReLU-only phase, then the regularisation stages after it."""
+        relu = self.relu_phase_steps
+        stages = self.stages or ProSparseSchedule(_7B_REGULARIZATION).scaled(self.steps - relu).stages
+        leading = ((relu, 0.0),) if relu else ()
+        return ProSparseSchedule(leading + tuple((relu + end, lam) for end, lam in stages))
+
+    def to_dict(self) -> dict:
+        """JSON-able fields (stages as lists, as JSON gives them back)."""
+        values = dataclasses.asdict(self)
+        values["stages"] = None if self.stages is None else [list(stage) for stage in self.stages]
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ProSparseConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown ProSparse config field(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+@dataclass
+class ProSparseResult:
+    """What a run did and reached.
+
+    history: one entry per evaluation (during steps 1-2, so with ReLU): step, lambda, lr, train_loss (mean task
+        loss since the previous entry, without the penalty), val_loss and sparsity (mean zero fraction of x₁
+        over the FFNs on the eval batches, ProSparse's definition).
+    initial_*: the model as given, before step 1; final_*: after step 3 (FATReLU). Perplexity is exp(val loss),
+        meaningful for language models. report: the final per-layer `SparsityReport`.
+    """
+
+    config: dict
+    schedule: list[list]
+    start_step: int
+    seconds: float
+    initial_val_loss: float
+    initial_sparsity: float
+    final_val_loss: float
+    final_perplexity: float
+    final_sparsity: float
+    report: SparsityReport
+    history: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """Plain, JSON-serialisable values; the report as `SparsityReport.to_dict`."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {**values, "report": self.report.to_dict()}
+
+
+def _pair(batch, device: torch.device) -> Batch:
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise ValueError(f"each batch must be an (inputs, targets) pair, got {type(batch).__name__}")
+    return batch[0].to(device), batch[1].to(device)
+
+
+def _evaluate(model: nn.Module, batches: Iterable, loss_fn: TaskLoss, specs: Iterable[FFNSpec] | None,
+              device: torch.device) -> tuple[float, SparsityReport]:
+    """(mean loss over every target of ``batches``, sparsity report on their inputs), in eval mode."""
+    model.eval()
+    total = count = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            batch = _pair(batch, device)
+            total += float(loss_fn(model, batch)) * batch[1].numel()
+            count += batch[1].numel()
+    if count == 0:
+        raise ValueError("eval_batches is empty: expected at least one (inputs, targets) batch")
+    return total / count, measure_sparsity(model, (_pair(batch, device)[0] for batch in batches), specs)
+
+
+def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, regularizer: SparsityRegularizer,
+                loss_fn: TaskLoss, batch: Batch, step: int, config: ProSparseConfig) -> tuple[float, float]:
+    """One optimiser step on task loss + λ(step)·L1; returns (task loss, learning rate)."""
+    lr = lr_at(step, config.steps, config.warmup_steps, config.lr, config.min_lr)
+    set_lr(optimizer, lr)
+    loss = loss_fn(model, batch)
+    total = loss + regularizer.loss(step)
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    if config.clip_grad is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
+    optimizer.step()
+    return loss.item(), lr
+
+
+def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, config: ProSparseConfig,
+             checkpoint_dir: Path) -> tuple[int, list[dict]]:
+    """Load the checkpoint of the same run into model and optimizer; return its (step, history)."""
+    tensors, meta = load_checkpoint_folder(checkpoint_dir)
+    check_same_run(meta["config"], config.to_dict())
+    restore_training_state(model, optimizer, tensors, meta["param_groups"])
+    return meta["step"], meta["history"]
+
+
+def prosparse(model: nn.Module, train_batches: Iterable, config: ProSparseConfig, eval_batches: Iterable, *,
+              progress: bool = True, checkpoint_dir: str | Path | None = None, resume: bool = False,
+              loss_fn: TaskLoss | None = None, specs: Iterable[FFNSpec] | None = None) -> ProSparseResult:
+    """Make ``model``'s FFN activations sparse with ProSparse's three steps, in place; return what it reached.
+
+    train_batches: (inputs, targets) pairs, at least ``config.steps`` of them (e.g. the endless `lm_batches`).
+    eval_batches: (inputs, targets) pairs read at every evaluation, so re-iterable (a list, a DataLoader).
+    checkpoint_dir: if given, model, optimizer and RNG state are saved there at every evaluation
+        (`leanformer.train.checkpoint` format). It must not hold a checkpoint already unless ``resume``.
+    resume: continue the run checkpointed in ``checkpoint_dir``: pass the model as it was given to the first
+        call (e.g. loaded again) and ``train_batches`` made again the same way; the batches the checkpointed
+        steps used are drawn and skipped, so the run ends bit-identical to an uninterrupted one.
+    loss_fn: ``f(model, batch) -> mean loss``; default `task_loss_for(model)`. specs: FFN table, see `find_ffns`.
+
+    The model is left in eval mode with FATReLU(config.threshold) in every FFN. A Hugging Face model's
+    ``config.hidden_act`` is not changed (see `relufy`).
+    """
+    loss_fn = loss_fn or task_loss_for(model)
+    if iter(eval_batches) is eval_batches:
+        raise ValueError("eval_batches must be re-iterable (a list, a DataLoader): it is read at every evaluation")
+    checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs checkpoint_dir, the folder the run was checkpointed in")
+    if not resume and checkpoint_dir is not None and (checkpoint_dir / "meta.json").exists():
+        raise ValueError(f"{checkpoint_dir} already holds a checkpoint: resume it (resume=True, --resume) or choose "
+                         "another folder")
+    device = next(model.parameters()).device
+    torch.manual_seed(config.seed)
+    initial_loss, initial_report = _evaluate(model, eval_batches, loss_fn, specs, device)
+
+    relufy(model, "relu", specs=specs)  # step 1
+    optimizer = build_optimizer(model, config.lr, config.weight_decay)
+    start_step, history = _restore(model, optimizer, config, checkpoint_dir) if resume else (0, [])
+    step = start_step
+    batches = iter(train_batches)
+    for used in range(step):  # resuming: skip the batches the checkpointed steps trained on
+        if next(batches, None) is None:
+            raise ValueError(f"train_batches ran out after {used} batches while skipping the {step} already used")
+
+    schedule = config.schedule
+    regularizer = SparsityRegularizer(model, schedule, specs, config.normalization)  # step 2 (λ = 0 in step 1)
+    bar = tqdm(total=config.steps, initial=step, desc="prosparse", unit="step", leave=False, disable=not progress,
+               file=sys.stderr)
+    loss_sum, loss_steps = 0.0, 0
+    started = time.perf_counter()
+    try:
+        model.train()
+        while step < config.steps:
+            batch = next(batches, None)
+            if batch is None:
+                raise ValueError(f"train_batches ran out after {step} batches; config.steps={config.steps} needs "
+                                 "as many (use an endless iterator such as lm_batches)")
+            loss, lr = _train_step(model, optimizer, regularizer, loss_fn, _pair(batch, device), step, config)
+            step += 1
+            loss_sum, loss_steps = loss_sum + loss, loss_steps + 1
+            sparsity, lam = regularizer.last_sparsity, regularizer.current_lambda
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", lam=f"{lam:.2e}",
+                            sparsity="-" if sparsity is None else f"{sparsity:.3f}")
+            if step % config.eval_every and step < config.steps:
+                continue
+            val_loss, report = _evaluate(model, eval_batches, loss_fn, specs, device)
+            model.train()
+            history.append({"step": step, "lambda": lam, "lr": lr, "train_loss": loss_sum / loss_steps,
+                            "val_loss": val_loss, "sparsity": report.average_sparsity})
+            loss_sum, loss_steps = 0.0, 0
+            if progress:
+                bar.write(f"step {step}/{config.steps}: λ {lam:.3g}  train loss {history[-1]['train_loss']:.4f}  "
+                          f"val loss {val_loss:.4f}  sparsity {report.average_sparsity:.4f}", file=sys.stderr)
+            if checkpoint_dir is not None:
+                tensors, param_groups = training_state_tensors(model, optimizer)
+                save_checkpoint(checkpoint_dir, tensors, {"step": step, "history": history,
+                                                          "config": config.to_dict(), "param_groups": param_groups})
+    finally:
+        bar.close()
+        regularizer.remove()
+    seconds = time.perf_counter() - started
+
+    relufy(model, "fatrelu", config.threshold, specs)  # step 3
+    final_loss, report = _evaluate(model, eval_batches, loss_fn, specs, device)
+    return ProSparseResult(
+        config=config.to_dict(), schedule=[list(stage) for stage in schedule.stages], start_step=start_step,
+        seconds=round(seconds, 3), initial_val_loss=initial_loss, initial_sparsity=initial_report.average_sparsity,
+        final_val_loss=final_loss, final_perplexity=math.exp(final_loss) if final_loss < 700 else math.inf,
+        final_sparsity=report.average_sparsity, report=report, history=history)
