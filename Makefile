@@ -31,6 +31,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/memory.py
 	$(PY) benchmarks/memory_accuracy.py
 	$(PY) benchmarks/quantize_kernels.py
+	$(PY) benchmarks/prosparse_lm.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
