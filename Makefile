@@ -32,6 +32,8 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/memory_accuracy.py
 	$(PY) benchmarks/quantize_kernels.py
 	$(PY) benchmarks/prosparse_lm.py
+	$(PY) benchmarks/lazy_neuron.py
+	$(PY) benchmarks/minilm_relufy.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

