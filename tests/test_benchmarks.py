@@ -65,3 +65,20 @@ def test_minilm_relufy_benchmark_quick(tmp_path):
     assert variants["relufy, no training"]["average_sparsity"] > 0.5  # ReLU zeroes most FFN activations
     assert len(variants["relufy + distill"]["sparsity"]["layers"]) == 6
     assert (tmp_path / "minilm_relufy.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_prosparse_lm_benchmark_quick(tmp_path):
+    from benchmarks import prosparse_lm
+
+    result = prosparse_lm.main(["--quick", "--out", str(tmp_path)])
+    assert set(result["variants"]) == {"relu", "prosparse", "constant"}
+    assert (tmp_path / "prosparse_lm.png").is_file()
+
+
+@pytest.mark.slow
+def test_quantize_kernels_benchmark_quick(tmp_path):
+    from benchmarks import quantize_kernels
+
+    result = quantize_kernels.main(["--quick", "--runs", "2", "--out", str(tmp_path)])
+    assert set(result["bits"]["8"]) == {"statistics", "quantize", "dequantize"}
