@@ -20,6 +20,7 @@ from .._io import atomic_write, write_json_atomic
 from ..data import lm_batches, lm_eval_batches, load_data, load_text, load_tokenizer
 from ..models import create_model, is_model
 from ..sparsity.prosparse import ProSparseConfig, ProSparseResult, prosparse
+from ._options import add_config_options, given_options
 
 DEFAULTS = ProSparseConfig()
 DEFAULT_VAL_FRACTION = 0.1
@@ -70,10 +71,7 @@ def add_parser(sub) -> None:
     p.add_argument("--checkpoint", default=None,
                    help="backbone weights to start from (.safetensors or .pth, as `leanformer forward` reads)")
     p.add_argument("--img-size", type=int, default=None, help="backbone input size (default: the data's)")
-    for flag, (name, kind, text) in OPTIONS.items():
-        default = getattr(DEFAULTS, name)
-        p.add_argument(flag, dest=name, type=kind, default=argparse.SUPPRESS,
-                       help=text if default is None else f"{text} (default: {default})")
+    add_config_options(p, OPTIONS, DEFAULTS)
     p.add_argument("--out", type=Path, default=None,
                    help="folder for the sparsified model, sparsity.json, sparsity.png and checkpoint/ "
                    "(default: runs/sparsify-<time>)")
@@ -85,7 +83,7 @@ def add_parser(sub) -> None:
 
 
 def build_config(args: argparse.Namespace) -> ProSparseConfig:
-    given = {name: getattr(args, name) for name, _, _ in OPTIONS.values() if hasattr(args, name)}
+    given = given_options(args, OPTIONS)
     if "stages" in given:
         try:
             given["stages"] = json.loads(given["stages"])

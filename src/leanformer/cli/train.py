@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..train import TrainConfig, Trainer
 from ..train.checkpoint import load_checkpoint_folder, resolve_resume_folder
+from ._options import add_config_options, given_options
 
 DEFAULTS = TrainConfig()
 
@@ -41,9 +42,7 @@ def add_parser(sub) -> None:
         "Swin on the embedded digits. Multi-process: torchrun --nproc_per_node N -m leanformer train ...",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    for flag, (name, kind, text) in OPTIONS.items():
-        p.add_argument(flag, dest=name, type=kind, default=argparse.SUPPRESS,
-                       help=f"{text} (default: {getattr(DEFAULTS, name)})")
+    add_config_options(p, OPTIONS, DEFAULTS)
     p.add_argument("--model-arg", dest="model_args", action="append", default=None, metavar="KEY=VALUE",
                    help="override a model constructor argument, VALUE as JSON (repeatable), "
                    "e.g. --model-arg drop_path_rate=0 --model-arg 'depths=[2,2,2]'")
@@ -72,7 +71,7 @@ def parse_model_args(items: list[str] | None) -> dict:
 
 
 def build_config(args: argparse.Namespace) -> TrainConfig:
-    given = {name: getattr(args, name) for _, (name, _, _) in OPTIONS.items() if hasattr(args, name)}
+    given = given_options(args, OPTIONS)
     if args.model_args:
         given["model_kwargs"] = parse_model_args(args.model_args)
     if args.resume is None:

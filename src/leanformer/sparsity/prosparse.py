@@ -37,6 +37,7 @@ from ..train.checkpoint import (
     save_checkpoint,
     training_state_tensors,
 )
+from ..train.config import config_from_dict
 from ..train.optim import build_optimizer, lr_at, set_lr
 from .activations import relufy
 from .ffn import FFNSpec
@@ -184,11 +185,7 @@ class ProSparseConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> ProSparseConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown ProSparse config field(s) {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        return config_from_dict(cls, values, "ProSparse")
 
 
 @dataclass

@@ -66,8 +66,13 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown training config field(s) {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        return config_from_dict(cls, values, "training")
+
+
+def config_from_dict(cls: type, values: dict, what: str):
+    """``cls(**values)`` for a config dataclass, refusing unknown keys by name (e.g. from a newer checkpoint)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} config field(s) {unknown}; known: {sorted(known)}")
+    return cls(**values)

@@ -1,0 +1,24 @@
+"""Config-backed CLI options: one table maps each flag to a config field, its type and its help."""
+
+from __future__ import annotations
+
+import argparse
+
+# flag -> (config field, type, help)
+OptionTable = dict[str, tuple[str, type, str]]
+
+
+def add_config_options(parser: argparse.ArgumentParser, options: OptionTable, defaults: object) -> None:
+    """One flag per table entry; unset flags stay absent from the namespace, so the config's defaults rule.
+
+    The help shows the default read from ``defaults`` (a config instance), the one source of truth.
+    """
+    for flag, (name, kind, text) in options.items():
+        default = getattr(defaults, name)
+        parser.add_argument(flag, dest=name, type=kind, default=argparse.SUPPRESS,
+                            help=text if default is None else f"{text} (default: {default})")
+
+
+def given_options(args: argparse.Namespace, options: OptionTable) -> dict:
+    """The config fields the user set on the command line, by field name."""
+    return {name: getattr(args, name) for name, _, _ in options.values() if hasattr(args, name)}
