@@ -1,15 +1,16 @@
-"""Shared benchmark plumbing: machine description and robust interleaved timing."""
+"""Shared benchmark plumbing: machine description and robust interleaved timing (the library's own)."""
 
 from __future__ import annotations
 
 import os
 import platform
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from leanformer._timing import time_interleaved
+
+__all__ = ["RESULTS", "machine_info", "time_interleaved"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -33,17 +34,3 @@ def machine_info() -> dict:
         "mkldnn": torch.backends.mkldnn.is_available(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
-
-
-def time_interleaved(fns: dict[str, Callable[[], None]], runs: int, warmup: int) -> dict[str, dict]:
-    """Median seconds per call of each function, runs interleaved so drift hits all of them alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(runs):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return {name: {"median_s": statistics.median(s), "runs_s": [round(v, 5) for v in s]} for name, s in samples.items()}

@@ -23,9 +23,11 @@ from .sparsity import (
     TopK,
     apply_topk,
     find_ffns,
+    inference_report,
     measure_sparsity,
     prosparse,
     relufy,
+    sparsify_for_inference,
 )
 from .train import TrainConfig, Trainer, TrainResult
 
@@ -51,6 +53,7 @@ __all__ = [
     "create_model",
     "decompress_activations",
     "find_ffns",
+    "inference_report",
     "list_models",
     "load_checkpoint",
     "load_data",
@@ -58,4 +61,5 @@ __all__ = [
     "prosparse",
     "relufy",
     "saved_activation_bytes",
+    "sparsify_for_inference",
 ]

@@ -15,7 +15,10 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
-_SOURCES = {"quantize": Path(__file__).parent / "memory" / "csrc" / "quantize.cpp"}
+_SOURCES = {
+    "quantize": Path(__file__).parent / "memory" / "csrc" / "quantize.cpp",
+    "sparse_ffn": Path(__file__).parent / "sparsity" / "csrc" / "sparse_ffn.cpp",
+}
 
 
 def enabled() -> bool:

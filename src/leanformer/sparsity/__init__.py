@@ -1,7 +1,16 @@
-"""Activation sparsity: find FFNs, measure their sparsity (Lazy Neuron), create it (ProSparse end to end)."""
+"""Activation sparsity: find FFNs, measure their sparsity (Lazy Neuron), create it (ProSparse end to end),
+and turn it into faster inference (exact sparse FFNs, predictor-selected units)."""
 
 from .activations import FATReLU, TopK, apply_topk, relufy
 from .ffn import FFN, FFN_SPECS, FFNSpec, find_ffns
+from .inference import (
+    INFERENCE_MODES,
+    SparseGatedFFN,
+    SparseInputLinear,
+    calibrate_max_active,
+    inference_report,
+    sparsify_for_inference,
+)
 from .measure import LayerSparsity, SparsityReport, measure_sparsity
 from .prosparse import ProSparseConfig, ProSparseResult, prosparse
 from .regularize import PROSPARSE_7B, PROSPARSE_13B, ProSparseSchedule, SparsityRegularizer
@@ -9,6 +18,7 @@ from .regularize import PROSPARSE_7B, PROSPARSE_13B, ProSparseSchedule, Sparsity
 __all__ = [
     "FFN",
     "FFN_SPECS",
+    "INFERENCE_MODES",
     "PROSPARSE_13B",
     "PROSPARSE_7B",
     "FATReLU",
@@ -17,12 +27,17 @@ __all__ = [
     "ProSparseConfig",
     "ProSparseResult",
     "ProSparseSchedule",
+    "SparseGatedFFN",
+    "SparseInputLinear",
     "SparsityRegularizer",
     "SparsityReport",
     "TopK",
     "apply_topk",
+    "calibrate_max_active",
     "find_ffns",
+    "inference_report",
     "measure_sparsity",
     "prosparse",
     "relufy",
+    "sparsify_for_inference",
 ]

@@ -1,0 +1,66 @@
+"""Row-sparse products for FFN inference: compute only the hidden units that are active.
+
+For a token whose FFN hidden vector x1 is mostly zero (a ReLU-family FFN, see `relufy`/`prosparse`),
+the up/gate projections are needed only for the active rows of their weights, and the down projection
+only for the active rows of its transposed weight. Two products cover both:
+
+    gather_matmul(x, w, idx)    == x @ w[idx].T        (b, k): the selected output units
+    scatter_matmul(h, wt, idx)  == h @ wt[idx]         (b, m): the down projection from k active units
+
+The compiled CPU kernels (csrc/sparse_ffn.cpp) read each selected row once, in place; the PyTorch path
+(``index_select`` + matmul for the gather, ``embedding_bag`` with per-sample weights for the scatter) is the
+reference and the fallback for other devices, dtypes, autograd, or ``LEANFORMER_NATIVE=0``. `backend` says
+which one a call takes, so callers can report what ran.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .._native import kernels as _native_kernels
+
+__all__ = ["backend", "gather_matmul", "scatter_matmul"]
+
+
+def backend(*tensors: torch.Tensor) -> str:
+    """"native" if the compiled kernels take these tensors (CPU fp32, no autograd, built), else "torch"."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return "torch"
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return "torch"
+    return "native" if _native_kernels("sparse_ffn") is not None else "torch"
+
+
+def _check(a: torch.Tensor, w: torch.Tensor, index: torch.Tensor, what: str) -> None:
+    if a.dim() != 2 or w.dim() != 2 or index.dim() != 1:
+        raise ValueError(f"{what}: expected 2-D activations and weight and a 1-D index, got shapes "
+                         f"{tuple(a.shape)}, {tuple(w.shape)}, {tuple(index.shape)}")
+    if index.dtype != torch.long:
+        raise ValueError(f"{what}: index must be int64, got {index.dtype}")
+
+
+def gather_matmul(x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x @ weight[index].T``: rows ``index`` of a Linear's (out, in) weight applied to x (b, in) -> (b, k)."""
+    _check(x, weight, index, "gather_matmul")
+    if backend(x, weight) == "native":
+        return _native_kernels("sparse_ffn").gather_matmul(x.contiguous(), weight.contiguous(), index.contiguous())
+    return x @ weight.index_select(0, index).T
+
+
+def scatter_matmul(h: torch.Tensor, weight_t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``h @ weight_t[index]``: the down projection from the k active units h (b, k) -> (b, m).
+
+    ``weight_t`` is the down Linear's weight transposed to (hidden, out), neuron-major, so a unit's
+    weights are one contiguous row.
+    """
+    _check(h, weight_t, index, "scatter_matmul")
+    if h.shape[1] != index.numel():
+        raise ValueError(f"scatter_matmul: h has {h.shape[1]} columns for {index.numel()} indices")
+    if backend(h, weight_t) == "native":
+        return _native_kernels("sparse_ffn").scatter_matmul(h.contiguous(), weight_t.contiguous(),
+                                                            index.contiguous())
+    if index.numel() == 0:
+        return h.new_zeros(h.shape[0], weight_t.shape[1])
+    bags = index.expand(h.shape[0], -1)  # every token sums the same rows, weighted by its own h
+    return F.embedding_bag(bags, weight_t, per_sample_weights=h, mode="sum")

@@ -1,0 +1,205 @@
+"""Sparse FFN inference: exact mode equals the dense model on every FFN family; predictor mode computes exactly
+the predicted units; paths are counted; bad requests change nothing."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from test_activations import FAMILIES, tiny_llama
+
+from leanformer.sparsity import apply_topk, find_ffns, relufy
+from leanformer.sparsity.inference import (
+    SparseGatedFFN,
+    SparseInputLinear,
+    calibrate_max_active,
+    inference_report,
+    sparsify_for_inference,
+)
+
+
+@pytest.fixture(autouse=True, params=["native", "reference"])
+def path(request, monkeypatch):
+    """Run each test on the compiled kernels and on the PyTorch path."""
+    monkeypatch.setenv("LEANFORMER_NATIVE", "1" if request.param == "native" else "0")
+    return request.param
+
+
+def _run(model, inputs):
+    with torch.no_grad():
+        out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state if hasattr(out, "last_hidden_state") \
+        else out
+
+
+def _sparse_counts(model) -> tuple[int, int]:
+    report = inference_report(model)
+    sparse = sum(n for r in report.values() for p, n in r["calls"].items() if p.startswith("sparse"))
+    return sparse, sum(r["calls"].get("dense", 0) for r in report.values())
+
+
+@pytest.mark.parametrize("activation", ["relu", "fatrelu", "topk"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_exact_mode_equals_the_dense_model(family, activation, path):
+    build, _ = FAMILIES[family]
+    torch.manual_seed(0)
+    model, inputs = build()
+    relufy(model, "fatrelu", 0.05) if activation == "fatrelu" else relufy(model)
+    if activation == "topk":
+        apply_topk(model, 5)
+    model.eval()
+    dense = _run(model, inputs)
+    sparse_model = sparsify_for_inference(copy.deepcopy(model), max_active=1.0)
+    torch.testing.assert_close(_run(sparse_model, inputs), dense, atol=2e-5, rtol=1e-4)
+    sparse_calls, dense_calls = _sparse_counts(sparse_model)
+    assert sparse_calls == len(find_ffns(model)) and dense_calls == 0
+    expected = "sparse-native" if path == "native" else "sparse-torch"
+    assert all(expected in r["calls"] for r in inference_report(sparse_model).values())
+
+
+def test_batch_union_and_dense_fallback_give_the_same_outputs():
+    torch.manual_seed(0)
+    model, _ = tiny_llama()
+    relufy(model)
+    model.eval()
+    ids = torch.randint(0, 50, (3, 6))
+    dense = _run(model, {"input_ids": ids})
+    always_dense = sparsify_for_inference(copy.deepcopy(model), max_active=0.0)
+    torch.testing.assert_close(_run(always_dense, {"input_ids": ids}), dense, atol=2e-5, rtol=1e-4)
+    assert _sparse_counts(always_dense) == (0, 2)
+    for name, layer in inference_report(always_dense).items():
+        assert layer["computed_fraction"] == 1.0, name
+
+
+def test_the_computed_units_are_the_union_over_tokens():
+    torch.manual_seed(0)
+    model, _ = tiny_llama()
+    relufy(model, "fatrelu", 0.1)
+    model.eval()
+    ids = torch.randint(0, 50, (1, 4))
+    sparsify_for_inference(model, max_active=1.0)
+    mlp = model.model.layers[0].mlp
+    seen = {}
+    mlp.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0].reshape(-1, 32)))
+    _run(model, {"input_ids": ids})
+    union = (mlp.act_fn(mlp.gate_proj(seen["x"])) != 0).any(0).float().mean().item()
+    assert inference_report(model)["model.layers.0.mlp"]["computed_fraction"] == pytest.approx(union)
+    assert 0 < union < 1
+
+
+def test_generate_gives_the_same_tokens_and_decodes_sparsely():
+    torch.manual_seed(0)
+    model, _ = tiny_llama()
+    relufy(model)
+    model.eval()
+    prompt = torch.randint(0, 50, (1, 5))
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        dense = model.generate(prompt, **kwargs)
+        sparse_model = sparsify_for_inference(copy.deepcopy(model), max_active=0.9)
+        assert torch.equal(sparse_model.generate(prompt, **kwargs), dense)
+    assert _sparse_counts(sparse_model)[0] >= 2 * 11  # every one-token decoding step of both layers
+
+
+def test_state_dict_is_unchanged_and_down_weight_is_neuron_major():
+    torch.manual_seed(0)
+    model, _ = tiny_llama()
+    relufy(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sparsify_for_inference(model, max_active=1.0)
+    after = model.state_dict()
+    assert list(after) == list(before)
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
+    down = model.model.layers[0].mlp.down_proj
+    assert down.weight.t().is_contiguous()
+    assert isinstance(model.model.layers[0].mlp, SparseGatedFFN)
+
+
+def test_plain_ffns_swap_only_the_down_linear():
+    build, _ = FAMILIES["hf_bert"]
+    model, _ = build()
+    relufy(model)
+    sparsify_for_inference(model, max_active=1.0)
+    down = model.encoder.layer[0].output.dense
+    assert isinstance(down, SparseInputLinear) and (down.in_features, down.out_features) == (64, 32)
+
+
+class _PredictAll(nn.Module):
+    def __init__(self, keep: torch.Tensor):
+        super().__init__()
+        self.keep = keep
+
+    def predict(self, x):
+        return self.keep.expand(x.shape[0], -1)
+
+
+def test_predictor_mode_computes_exactly_the_predicted_units():
+    torch.manual_seed(0)
+    model, _ = tiny_llama()
+    relufy(model)
+    model.eval()
+    ids = torch.randint(0, 50, (1, 6))
+    dense = _run(model, {"input_ids": ids})
+    keep = torch.rand(64) < 0.5
+    reference = copy.deepcopy(model)
+    for layer in reference.model.layers:  # the dense FFN with the unpredicted units removed
+        layer.mlp.down_proj.weight.data[:, ~keep] = 0
+    predictors = {ffn.name: _PredictAll(torch.ones(64, dtype=torch.bool)) for ffn in find_ffns(model)}
+    everything = sparsify_for_inference(copy.deepcopy(model), "predictor", predictors, max_active=1.0)
+    torch.testing.assert_close(_run(everything, {"input_ids": ids}), dense, atol=2e-5, rtol=1e-4)
+    predictors = {name: _PredictAll(keep) for name in predictors}
+    half = sparsify_for_inference(model, "predictor", predictors, max_active=1.0)
+    torch.testing.assert_close(_run(half, {"input_ids": ids}), _run(reference, {"input_ids": ids}),
+                               atol=2e-5, rtol=1e-4)
+    assert "predictor" not in " ".join(model.state_dict())
+
+
+def test_auto_calibration_gives_one_fraction_per_shape():
+    torch.manual_seed(0)
+    model, _ = tiny_llama()
+    relufy(model)
+    ffn = find_ffns(model)[0]
+    assert 0.0 <= calibrate_max_active(ffn, runs=2) <= 0.9
+    sparsify_for_inference(model)
+    limits = {r["max_active"] for r in inference_report(model).values()}
+    assert len(limits) == 1 and 0.0 <= limits.pop() <= 0.9
+
+
+def test_bad_requests_raise_and_leave_the_model_alone():
+    torch.manual_seed(0)
+    model, _ = tiny_llama()
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp: activation SiLUActivation is not sparse.*relufy"):
+        sparsify_for_inference(model)
+    relufy(model)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="mode must be one of"):
+        sparsify_for_inference(model, "fast")
+    with pytest.raises(ValueError, match="needs predictors="):
+        sparsify_for_inference(model, "predictor")
+    with pytest.raises(ValueError, match="only used by mode='predictor'"):
+        sparsify_for_inference(model, "exact", {})
+    with pytest.raises(ValueError, match="predictors have no entry for FFN 'model.layers.0.mlp'"):
+        sparsify_for_inference(model, "predictor", {})
+    with pytest.raises(ValueError, match="max_active must be 'auto' or a fraction"):
+        sparsify_for_inference(model, max_active=1.5)
+    apply_topk(model, 4)
+    with pytest.raises(ValueError, match="needs an elementwise activation"):
+        sparsify_for_inference(model, "predictor", {f.name: None for f in find_ffns(model)})
+    assert all(isinstance(layer.mlp, nn.Module) and not isinstance(layer.mlp, SparseGatedFFN)
+               for layer in model.model.layers)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    sparsify_for_inference(model, max_active=1.0)
+    with pytest.raises(ValueError, match="already has sparse-inference FFNs"):
+        sparsify_for_inference(model, max_active=1.0)
+
+
+def test_predictor_mode_refuses_plain_ffns():
+    build, _ = FAMILIES["hf_bert"]
+    model, _ = build()
+    relufy(model)
+    with pytest.raises(ValueError, match="mode='predictor' supports gated FFNs"):
+        sparsify_for_inference(model, "predictor", {f.name: None for f in find_ffns(model)})
