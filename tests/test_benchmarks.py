@@ -72,7 +72,8 @@ def test_prosparse_lm_benchmark_quick(tmp_path):
     from benchmarks import prosparse_lm
 
     result = prosparse_lm.main(["--quick", "--out", str(tmp_path)])
-    assert set(result["variants"]) == {"relu", "prosparse", "constant"}
+    assert set(result["variants"]) == {"relu", "prosparse", "constant x0.5", "constant x1"}
+    assert result["matched"]["per_seed"][0]["seed"] == 0
     assert (tmp_path / "prosparse_lm.png").is_file()
 
 
@@ -82,3 +83,13 @@ def test_quantize_kernels_benchmark_quick(tmp_path):
 
     result = quantize_kernels.main(["--quick", "--runs", "2", "--out", str(tmp_path)])
     assert set(result["bits"]["8"]) == {"statistics", "quantize", "dequantize"}
+
+
+@pytest.mark.slow
+def test_sparse_inference_benchmark_quick(tmp_path):
+    from benchmarks import sparse_inference
+
+    result = sparse_inference.main(["--quick", "--out", str(tmp_path)])
+    assert {"exact", "exact-torch", "predictor"} <= set(result["operators"][0])
+    assert result["end_to_end"]["decode"]["exact"]["identical_tokens"]
+    assert (tmp_path / "sparse_inference.png").is_file()

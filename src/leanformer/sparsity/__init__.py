@@ -12,6 +12,15 @@ from .inference import (
     sparsify_for_inference,
 )
 from .measure import LayerSparsity, SparsityReport, measure_sparsity
+from .predictor import (
+    LowRankPredictor,
+    PredictorConfig,
+    PredictorReport,
+    Predictors,
+    evaluate_predictors,
+    record_ffn_activity,
+    train_predictors,
+)
 from .prosparse import ProSparseConfig, ProSparseResult, prosparse
 from .regularize import PROSPARSE_7B, PROSPARSE_13B, ProSparseSchedule, SparsityRegularizer
 
@@ -24,6 +33,10 @@ __all__ = [
     "FATReLU",
     "FFNSpec",
     "LayerSparsity",
+    "LowRankPredictor",
+    "PredictorConfig",
+    "PredictorReport",
+    "Predictors",
     "ProSparseConfig",
     "ProSparseResult",
     "ProSparseSchedule",
@@ -34,10 +47,13 @@ __all__ = [
     "TopK",
     "apply_topk",
     "calibrate_max_active",
+    "evaluate_predictors",
     "find_ffns",
     "inference_report",
     "measure_sparsity",
     "prosparse",
+    "record_ffn_activity",
     "relufy",
     "sparsify_for_inference",
+    "train_predictors",
 ]
