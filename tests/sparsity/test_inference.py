@@ -203,3 +203,17 @@ def test_predictor_mode_refuses_plain_ffns():
     relufy(model)
     with pytest.raises(ValueError, match="mode='predictor' supports gated FFNs"):
         sparsify_for_inference(model, "predictor", {f.name: None for f in find_ffns(model)})
+
+
+def test_predictors_of_another_shape_are_refused():
+    from leanformer.sparsity.predictor import LowRankPredictor, Predictors
+
+    torch.manual_seed(0)
+    model, _ = tiny_llama()
+    relufy(model)
+    wrong = Predictors({ffn.name: LowRankPredictor(32, 65, 4) for ffn in find_ffns(model)})
+    with pytest.raises(ValueError, match="maps 32 -> 65 features, but the FFN has 32 inputs and 64 hidden units"):
+        sparsify_for_inference(model, "predictor", wrong)
+    right = Predictors({ffn.name: LowRankPredictor(32, 64, 4) for ffn in find_ffns(model)})
+    sparsify_for_inference(model, "predictor", right, max_active=1.0)
+    assert isinstance(model.model.layers[1].mlp, SparseGatedFFN)

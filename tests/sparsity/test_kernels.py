@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from leanformer import _native
-from leanformer.sparsity.kernels import backend, gather_matmul, scatter_matmul
+from leanformer.sparsity.kernels import backend, gated_down, gather_matmul, input_sparse_down, scatter_matmul
 
 
 @pytest.fixture(autouse=True, params=["native", "reference"])
@@ -76,3 +76,26 @@ def test_bad_inputs_are_refused():
             scatter_matmul(torch.randn(2, 3), w, torch.tensor([1, 2]))
         with pytest.raises((RuntimeError, IndexError), match="out of range"):
             gather_matmul(x, w, torch.tensor([9]))
+
+
+@settings(max_examples=30, deadline=None)
+@given(batch=st.integers(1, 6), d=st.integers(1, 40), n=st.integers(1, 80), m=st.integers(1, 70),
+       zeros=st.floats(0.0, 1.0), bias=st.booleans())
+def test_fused_tails_equal_the_dense_ffn_and_count_the_union(batch, d, n, m, zeros, bias):
+    g = torch.Generator().manual_seed(batch * 7919 + d * 31 + n)
+    x, w_up, w_t = torch.randn(batch, d, generator=g), torch.randn(n, d, generator=g), torch.randn(n, m, generator=g)
+    b_up = torch.randn(n, generator=g) if bias else None
+    a = torch.randn(batch, n, generator=g)
+    a[torch.rand(batch, n, generator=g) < zeros] = 0
+    union = int((a != 0).any(0).sum())
+    up = x @ w_up.T + (b_up if bias else 0)
+    with torch.no_grad():
+        out, count = gated_down(x, a, w_up, b_up, w_t, n)
+        assert count == union
+        torch.testing.assert_close(out, (a * up) @ w_t, atol=1e-4, rtol=1e-4)
+        out, count = input_sparse_down(a, w_t, n)
+        assert count == union
+        torch.testing.assert_close(out, a @ w_t, atol=1e-4, rtol=1e-4)
+        if union > 0:  # one unit too many: refused, nothing computed
+            assert gated_down(x, a, w_up, b_up, w_t, union - 1) == (None, union)
+            assert input_sparse_down(a, w_t, union - 1) == (None, union)

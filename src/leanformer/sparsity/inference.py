@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from .._timing import time_interleaved
 from .activations import FATReLU, TopK
 from .ffn import FFN, FFNSpec, find_ffns
-from .kernels import backend, gather_matmul, scatter_matmul
+from .kernels import backend, gated_down, gather_matmul, input_sparse_down, scatter_matmul
 
 __all__ = ["INFERENCE_MODES", "SparseGatedFFN", "SparseInputLinear", "calibrate_max_active", "inference_report",
            "sparsify_for_inference"]
@@ -88,22 +88,24 @@ class SparseGatedFFN(nn.Module, _CountsPaths):
         gate, up, down, act = (self._part(r) for r in ("gate", "up", "down", "act"))
         tokens = x.reshape(-1, x.shape[-1])
         hidden = down.in_features
+        limit = int(self.max_active * hidden)
         if self.mode == "exact":
             a = act(gate(tokens))
-            index = (a != 0).any(0).nonzero().squeeze(1)
+            out, count = gated_down(tokens, a, up.weight, up.bias, down.weight.t(), limit)
         else:
             index = self.predictor.predict(tokens).any(0).nonzero().squeeze(1)
-        if index.numel() > self.max_active * hidden:
+            out, count = None, index.numel()
+            if count <= limit:
+                h = act(_gathered(tokens, gate, index)) * _gathered(tokens, up, index)
+                out = scatter_matmul(h, down.weight.t(), index)
+        if out is None:
             self._count("dense", hidden, hidden)
             if self.mode != "exact":
                 a = act(gate(tokens))
             return down(a * up(tokens)).reshape(*x.shape[:-1], down.out_features)
-        a = a[:, index] if self.mode == "exact" else act(_gathered(tokens, gate, index))
-        h = a * _gathered(tokens, up, index)
-        out = scatter_matmul(h, down.weight.t(), index)
         if down.bias is not None:
             out = out + down.bias
-        self._count("sparse-" + backend(tokens, down.weight), index.numel(), hidden)
+        self._count("sparse-" + backend(tokens, down.weight), count, hidden)
         return out.reshape(*x.shape[:-1], down.out_features)
 
 
@@ -120,14 +122,13 @@ class SparseInputLinear(nn.Linear, _CountsPaths):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         tokens = h.reshape(-1, self.in_features)
-        index = (tokens != 0).any(0).nonzero().squeeze(1)
-        if index.numel() > self.max_active * self.in_features:
+        out, count = input_sparse_down(tokens, self.weight.t(), int(self.max_active * self.in_features))
+        if out is None:
             self._count("dense", self.in_features, self.in_features)
             return F.linear(h, self.weight, self.bias)
-        out = scatter_matmul(tokens[:, index], self.weight.t(), index)
         if self.bias is not None:
             out = out + self.bias
-        self._count("sparse-" + backend(tokens, self.weight), index.numel(), self.in_features)
+        self._count("sparse-" + backend(tokens, self.weight), count, self.in_features)
         return out.reshape(*h.shape[:-1], self.out_features)
 
 
@@ -157,13 +158,15 @@ def _activation_kind(act: nn.Module) -> str | None:
     return None
 
 
-def _validate(ffns: list[FFN], mode: str, predictors) -> None:
+def _validate(model: nn.Module, ffns: list[FFN], mode: str, predictors, specs) -> None:
     if mode not in INFERENCE_MODES:
         raise ValueError(f"mode must be one of {INFERENCE_MODES}, got {mode!r}")
     if mode == "predictor" and predictors is None:
         raise ValueError("mode='predictor' needs predictors= (see leanformer.sparsity.train_predictors)")
     if mode == "exact" and predictors is not None:
         raise ValueError("predictors= is only used by mode='predictor'")
+    if hasattr(predictors, "check_fits"):  # a Predictors set: shapes must match the model's FFNs
+        predictors.check_fits(model, specs)
     for ffn in ffns:
         where = ffn.name or type(ffn.module).__name__
         kind = _activation_kind(ffn.act)
@@ -237,7 +240,7 @@ def sparsify_for_inference(model: nn.Module, mode: str = "exact", predictors=Non
                                      and 0.0 <= max_active <= 1.0)):
         raise ValueError(f"max_active must be 'auto' or a fraction in [0, 1], got {max_active!r}")
     ffns = find_ffns(model, specs)
-    _validate(ffns, mode, predictors)
+    _validate(model, ffns, mode, predictors, specs)
     calibrated: dict[tuple, float] = {}
     for ffn in ffns:
         limit = max_active

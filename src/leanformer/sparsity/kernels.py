@@ -7,6 +7,12 @@ only for the active rows of its transposed weight. Two products cover both:
     gather_matmul(x, w, idx)    == x @ w[idx].T        (b, k): the selected output units
     scatter_matmul(h, wt, idx)  == h @ wt[idx]         (b, m): the down projection from k active units
 
+and two whole FFN tails that also find the active units (those nonzero for at least one token of the call)
+and refuse, returning None, when there are more than ``max_units`` of them (the caller then runs dense):
+
+    gated_down(x, a, up_weight, up_bias, wt, max_units)   == (a * up(x)) @ wt     given a = act(gate(x))
+    input_sparse_down(h, wt, max_units)                    == h @ wt
+
 The compiled CPU kernels (csrc/sparse_ffn.cpp) read each selected row once, in place; the PyTorch path
 (``index_select`` + matmul for the gather, ``embedding_bag`` with per-sample weights for the scatter) is the
 reference and the fallback for other devices, dtypes, autograd, or ``LEANFORMER_NATIVE=0``. `backend` says
@@ -20,7 +26,7 @@ import torch.nn.functional as F
 
 from .._native import kernels as _native_kernels
 
-__all__ = ["backend", "gather_matmul", "scatter_matmul"]
+__all__ = ["active_units", "backend", "gated_down", "gather_matmul", "input_sparse_down", "scatter_matmul"]
 
 
 def backend(*tensors: torch.Tensor) -> str:
@@ -64,3 +70,37 @@ def scatter_matmul(h: torch.Tensor, weight_t: torch.Tensor, index: torch.Tensor)
         return h.new_zeros(h.shape[0], weight_t.shape[1])
     bags = index.expand(h.shape[0], -1)  # every token sums the same rows, weighted by its own h
     return F.embedding_bag(bags, weight_t, per_sample_weights=h, mode="sum")
+
+
+def active_units(a: torch.Tensor) -> torch.Tensor:
+    """Indices of the columns of ``a`` (tokens, units) nonzero for at least one token, increasing."""
+    return (a != 0).any(0).nonzero().squeeze(1)
+
+
+def gated_down(x: torch.Tensor, a: torch.Tensor, up_weight: torch.Tensor, up_bias: torch.Tensor | None,
+               weight_t: torch.Tensor, max_units: int) -> tuple[torch.Tensor | None, int]:
+    """``(a * (x @ up_weight.T + up_bias)) @ weight_t`` over the active units of ``a``, and their number;
+    (None, number) if more than ``max_units`` are active."""
+    if backend(x, a, up_weight, weight_t) == "native" and (up_bias is None or up_bias.dtype == torch.float32):
+        out, count = _native_kernels("sparse_ffn").gated_down(
+            x.contiguous(), a.contiguous(), up_weight.contiguous(),
+            None if up_bias is None else up_bias.contiguous(), weight_t.contiguous(), max_units)
+        return out, count
+    index = active_units(a)
+    if index.numel() > max_units:
+        return None, index.numel()
+    up = gather_matmul(x, up_weight, index)
+    if up_bias is not None:
+        up = up + up_bias[index]
+    return scatter_matmul(a.index_select(1, index) * up, weight_t, index), index.numel()
+
+
+def input_sparse_down(h: torch.Tensor, weight_t: torch.Tensor, max_units: int) -> tuple[torch.Tensor | None, int]:
+    """``h @ weight_t`` over the units nonzero for some token of ``h`` (tokens, units), and their number;
+    (None, number) if more than ``max_units`` are."""
+    if backend(h, weight_t) == "native":
+        return _native_kernels("sparse_ffn").input_sparse_down(h.contiguous(), weight_t.contiguous(), max_units)
+    index = active_units(h)
+    if index.numel() > max_units:
+        return None, index.numel()
+    return scatter_matmul(h.index_select(1, index), weight_t, index), index.numel()
