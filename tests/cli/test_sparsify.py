@@ -24,31 +24,19 @@ from leanformer.sparsity.measure import measure_sparsity
 
 transformers = pytest.importorskip("transformers")
 
-SHAKESPEARE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 SEQ_LEN, BATCH = 32, 4
 RUN = ["--steps", "12", "--relu-steps", "4", "--stages", "[[4, 0.05], [8, 0.5]]", "--lr", "3e-3",
        "--batch-size", str(BATCH), "--seq-len", str(SEQ_LEN), "--eval-every", "6", "--no-progress"]
 
 
 @pytest.fixture
-def llama_dir(tmp_path) -> Path:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
-                                      hidden_act="silu")
-    folder = tmp_path / "llama"
-    with hf_progress_bars(False):
-        transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
+def llama_dir(tiny_llama, tmp_path) -> Path:
+    return tiny_llama(tmp_path / "llama", "silu")
 
 
 @pytest.fixture
-def text_file(tmp_path) -> Path:
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"shared tinyshakespeare not found at {SHAKESPEARE}")
-    path = tmp_path / "input.txt"
-    path.write_bytes(SHAKESPEARE.read_bytes()[:4096])
-    return path
+def text_file(lm_text) -> Path:
+    return lm_text
 
 
 def interrupted(batches, after: int):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from leanformer.data import lm_batches, lm_eval_batches, load_text, load_tokenizer
+from leanformer.data import decode_tokens, encode_text, lm_batches, lm_eval_batches, load_text, load_tokenizer
 from leanformer.data.text import BYTE_VOCAB
 
 SHAKESPEARE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -34,6 +34,15 @@ def test_non_ascii_utf8_is_read_as_bytes(tmp_path):
     text = load_text(write(tmp_path, data), val_fraction=0.25, seq_len=2)
     assert bytes(torch.cat([text.train, text.val]).tolist()) == data
     assert int(text.train.max()) > 127
+
+
+def test_encode_and_decode_follow_load_texts_byte_rule(tmp_path):
+    data = "Grüße, naïve café".encode()
+    text = load_text(write(tmp_path, data * 4), val_fraction=0.25, seq_len=2)
+    assert torch.equal(torch.cat([text.train, text.val]), encode_text(data.decode() * 4))
+    assert decode_tokens(encode_text("Grüße")) == "Grüße" and encode_text("").tolist() == []
+    assert decode_tokens(torch.tensor([104, 300, 105])) == "h\ufffdi"  # not a byte: the replacement character
+    assert decode_tokens(encode_text("ü")[:1]) == "\ufffd"  # half a UTF-8 sequence
 
 
 @pytest.mark.skipif(not SHAKESPEARE.is_file(), reason=f"shared tinyshakespeare not found at {SHAKESPEARE}")
@@ -128,4 +137,6 @@ def test_tokenizer_rule(tmp_path):
     assert text.vocab_size == len(tokenizer) == 5
     assert text.train.tolist() == [1, 2, 3, 4, 1, 2] * 9
     assert text.val.tolist() == [1, 2, 3, 4, 1, 2, 0]  # "that" is unknown
+    assert encode_text("to be or not", tokenizer).tolist() == [1, 2, 3, 4]  # what load_text does, per part
+    assert decode_tokens(torch.tensor([1, 2]), tokenizer) == "to be"
     assert "tokens" in text.source and "bytes" not in text.source

@@ -16,9 +16,17 @@ def add_config_options(parser: argparse.ArgumentParser, options: OptionTable, de
     for flag, (name, kind, text) in options.items():
         default = getattr(defaults, name)
         parser.add_argument(flag, dest=name, type=kind, default=argparse.SUPPRESS,
+                            metavar=flag.lstrip("-").upper().replace("-", "_"),  # the flag's name, not the field's
                             help=text if default is None else f"{text} (default: {default})")
 
 
 def given_options(args: argparse.Namespace, options: OptionTable) -> dict:
     """The config fields the user set on the command line, by field name."""
     return {name: getattr(args, name) for name, _, _ in options.values() if hasattr(args, name)}
+
+
+def check_positive(*flags: tuple[str, int | None]) -> None:
+    """ValueError naming the first (flag, value) pair whose value is given and not a positive integer."""
+    for flag, value in flags:
+        if value is not None and value < 1:
+            raise ValueError(f"{flag}={value}: expected a positive integer")

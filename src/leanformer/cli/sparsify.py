@@ -7,7 +7,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -138,6 +138,15 @@ def load_causal_lm(folder: Path) -> nn.Module:
         raise ValueError(f"--model {folder}: could not load the causal LM: {_first_line(err)}") from err
 
 
+def check_vocab(model: nn.Module, folder: Path, tokens: Iterable[torch.Tensor], source: str) -> None:
+    """Refuse token ids the model's embedding cannot hold (bytes fed to a model with a smaller vocabulary),
+    naming the config and where the tokens came from."""
+    largest = max(int(part.max()) for part in tokens)
+    if largest >= model.config.vocab_size:
+        raise ValueError(f"{folder / 'config.json'}: vocab_size={model.config.vocab_size} is too small for the "
+                         f"data, token id {largest} in {source}")
+
+
 def _endless(dataset: Dataset, batch_size: int, seed: int) -> Iterator:
     """Shuffled epochs of ``dataset`` one after another, the order fixed by ``seed``."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
@@ -194,10 +203,7 @@ def run(args: argparse.Namespace) -> int:
             model = load_causal_lm(folder)
         tokenizer = load_tokenizer(folder)
         text = load_text(args.data, args.val_fraction, config.seq_len, tokenizer)
-        largest = max(int(text.train.max()), int(text.val.max()))
-        if largest >= model.config.vocab_size:
-            raise ValueError(f"{folder / 'config.json'}: vocab_size={model.config.vocab_size} is too small for the "
-                             f"data, token id {largest} in {text.source}")
+        check_vocab(model, folder, (text.train, text.val), text.source)
         train_batches = lm_batches(text.train, config.batch_size, config.seq_len,
                                    torch.Generator().manual_seed(config.seed))
         eval_batches = lm_eval_batches(text.val, config.batch_size, config.seq_len)

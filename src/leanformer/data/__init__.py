@@ -13,7 +13,7 @@ from pathlib import Path
 from . import digits, folder, mnist
 from .digits import load_digits_split
 from .split import DataSplit, check_fraction
-from .text import TextSplit, lm_batches, lm_eval_batches, load_text, load_tokenizer
+from .text import TextSplit, decode_tokens, encode_text, lm_batches, lm_eval_batches, load_text, load_tokenizer
 
 DIGITS_IMG_SIZE = 32
 
@@ -51,5 +51,5 @@ def load_data(spec: str, img_size: int | None = None, val_fraction: float = 0.2,
     raise ValueError(f"{path}: not a dataset; expected an MNIST '<prefix>-images-idx3-ubyte[.gz]' file or a folder")
 
 
-__all__ = ["DataSplit", "TextSplit", "lm_batches", "lm_eval_batches", "load_data", "load_digits_split", "load_text",
-           "load_tokenizer"]
+__all__ = ["DataSplit", "TextSplit", "decode_tokens", "encode_text", "lm_batches", "lm_eval_batches", "load_data",
+           "load_digits_split", "load_text", "load_tokenizer"]

@@ -76,12 +76,12 @@ def load_text(path: str | Path, val_fraction: float = 0.1, seq_len: int = 1, tok
     except UnicodeDecodeError as err:
         raise ValueError(f"text file {str(path)!r} is not UTF-8 text (byte {err.start} is invalid)") from err
     if tokenizer is None:
-        tokens, vocab_size, kind = torch.frombuffer(bytearray(data), dtype=torch.uint8).long(), BYTE_VOCAB, "bytes"
+        tokens, vocab_size, kind = encode_text(text), BYTE_VOCAB, "bytes"
         cut = len(tokens) - round(len(tokens) * val_fraction)
         train, val = tokens[:cut], tokens[cut:]
     else:
         cut = len(text) - round(len(text) * val_fraction)
-        train, val = (_encode(tokenizer, part) for part in (text[:cut], text[cut:]))
+        train, val = (encode_text(part, tokenizer) for part in (text[:cut], text[cut:]))
         vocab_size, kind = len(tokenizer), f"{type(tokenizer).__name__} tokens"
     for name, part in (("train", train), ("validation", val)):
         if len(part) < seq_len + 1:
@@ -90,9 +90,24 @@ def load_text(path: str | Path, val_fraction: float = 0.1, seq_len: int = 1, tok
     return TextSplit(train, val, vocab_size, f"{path} ({kind}, last {val_fraction:g} is validation)")
 
 
-def _encode(tokenizer: Any, text: str) -> torch.Tensor:
-    # verbose=False: the whole file is one sequence, far longer than model_max_length, on purpose
+def encode_text(text: str, tokenizer: Any | None = None) -> torch.Tensor:
+    """1-D int64 token ids of ``text`` as `load_text` feeds a model: its UTF-8 bytes without ``tokenizer``, else
+    the tokenizer's ids without special tokens. One rule, so a prompt is encoded as the training text was."""
+    if tokenizer is None:
+        data = bytearray(text.encode("utf-8"))
+        return torch.frombuffer(data, dtype=torch.uint8).long() if data else torch.zeros(0, dtype=torch.long)
+    # verbose=False: a whole file is one sequence, far longer than model_max_length, on purpose
     return torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
+
+
+def decode_tokens(tokens: torch.Tensor, tokenizer: Any | None = None) -> str:
+    """The text of token ids under `encode_text`'s rule. Bytes: invalid UTF-8 and ids a byte cannot hold (a model
+    whose vocabulary is larger than 256) become U+FFFD; a tokenizer's special tokens are left out."""
+    ids = [int(t) for t in tokens.reshape(-1)]
+    if tokenizer is not None:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+    pieces = bytes(i if 0 <= i < BYTE_VOCAB else 0xFF for i in ids)  # 0xFF is never valid UTF-8: decodes to U+FFFD
+    return pieces.decode("utf-8", errors="replace")
 
 
 def _check_windows(tokens: torch.Tensor, batch_size: int, seq_len: int) -> None:

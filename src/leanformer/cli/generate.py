@@ -1,0 +1,183 @@
+"""`leanformer generate`: greedy decoding with sparse FFN inference, timed, optionally against the dense model."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from ..data import decode_tokens, encode_text
+from ..sparsity import Predictors, inference_report, sparsify_for_inference
+from ..sparsity.kernels import backend
+from ..sparsity.predictor import FILE_NAME as PREDICTORS_FILE
+from ._causal_lm import add_model_options, check_model_folder, load_sparsified_lm
+from ._options import check_positive
+from .sparsify import check_vocab
+
+SPARSE_MODES = ("exact", "predictor", "off")
+
+DESCRIPTION = (
+    "Greedy decoding (model.generate, do_sample=False) with a Hugging Face causal LM folder whose FFN activation is "
+    "ReLU or FATReLU, such as `leanformer sparsify` writes, its FFNs swapped for sparse ones that skip the hidden "
+    "units the activation leaves at zero. --sparse exact computes the gate densely and only the active rows of up "
+    "and down: the tokens are the dense model's. --sparse predictor lets the low-rank predictors trained by "
+    "`leanformer predictors` choose the units of gate, up and down: faster, approximate. --sparse off decodes "
+    "densely. The FATReLU threshold recorded in DIR/sparsity.json is applied, so the model is exactly the "
+    "sparsified one. The prompt is encoded as sparsify and predictors encode their text: the folder's tokenizer "
+    "without special tokens, or UTF-8 bytes when the folder has none. Prints the text, tokens/s (new tokens over "
+    "the wall time of generate, prompt included, after a warm-up forward) and which FFN paths ran (calls per path: "
+    "sparse-native, sparse-torch, dense; mean share of hidden units computed); --compare also decodes with the "
+    "dense model and reports its tokens/s, the speedup and whether the tokens are identical."
+)
+
+
+class _TokenBar:
+    """A tqdm bar over new tokens, fed by generate's streamer protocol (put: the prompt first, then each token)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.bar = tqdm(total=total, desc=desc, unit="token", leave=False, disable=not enabled, file=sys.stderr)
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.prompt_seen:
+            self.bar.update(value.numel())
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        self.bar.close()
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="greedy decoding with sparse FFN inference (exact or predictor), timed",
+                       description=DESCRIPTION)
+    add_model_options(p)
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64,
+                   help="tokens to generate; fewer if the model emits its end-of-sequence token (default: %(default)s)")
+    p.add_argument("--sparse", choices=SPARSE_MODES, default="exact",
+                   help="FFN inference: exact (same tokens as dense), predictor (needs --predictors) or off (dense) "
+                   "(default: %(default)s)")
+    p.add_argument("--predictors", type=Path, default=None,
+                   help=f"predictors for --sparse predictor: a file, or a folder holding {PREDICTORS_FILE} "
+                   "(default: DIR, where `leanformer predictors` writes them)")
+    p.add_argument("--max-active", default="auto",
+                   help="largest share of hidden units a call may compute sparsely before it runs dense: 'auto' "
+                   "measures the crossover per FFN shape on this machine (about a second per shape), or a fraction "
+                   "in [0, 1] (default: %(default)s)")
+    p.add_argument("--compare", action="store_true",
+                   help="also decode with the dense model: its tokens/s, the speedup, identical tokens")
+    p.add_argument("--no-progress", action="store_true", help="no loading or decoding progress bars")
+    p.add_argument("--json", action="store_true", help="print the result as JSON instead of text and a table")
+    p.set_defaults(run=run)
+
+
+def parse_max_active(text: str) -> float | str:
+    """'auto' or a fraction in [0, 1], as sparsify_for_inference takes it."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"--max-active {text!r}: expected 'auto' or a fraction in [0, 1]")
+    return value
+
+
+def path_summary(model: nn.Module) -> dict:
+    """Calls per path summed over the sparse FFNs, their mean share of units computed, and the per-layer report."""
+    layers = inference_report(model)
+    calls: Counter = Counter()
+    for layer in layers.values():
+        calls.update(layer["calls"])
+    fractions = [layer["computed_fraction"] for layer in layers.values() if layer["computed_fraction"] is not None]
+    return {"calls": dict(sorted(calls.items())),
+            "computed_fraction": sum(fractions) / len(fractions) if fractions else None, "layers": layers}
+
+
+def decode(model: nn.Module, prompt: torch.Tensor, max_new_tokens: int, desc: str, progress: bool) -> dict:
+    """Greedy decoding of one prompt, timed: the new token ids, their count, seconds and tokens/s."""
+    ids = prompt[None]
+    start = time.perf_counter()
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                         streamer=_TokenBar(max_new_tokens, desc, progress))
+    seconds = time.perf_counter() - start
+    new = out[0, len(prompt):]
+    return {"tokens": new, "new_tokens": len(new), "seconds": seconds, "tokens_per_s": len(new) / seconds}
+
+
+def run(args: argparse.Namespace) -> int:
+    check_positive(("--max-new-tokens", args.max_new_tokens))
+    max_active = parse_max_active(args.max_active)
+    if args.compare and args.sparse == "off":
+        raise ValueError("--compare compares sparse with dense decoding: it needs --sparse exact or predictor")
+    if args.predictors is not None and args.sparse != "predictor":
+        raise ValueError(f"--predictors is used by --sparse predictor only (--sparse is {args.sparse})")
+    progress = not args.no_progress
+    predictors = None
+    if args.sparse == "predictor":
+        check_model_folder(args.model)  # the folder first: it also decides where the predictors file is looked for
+        path = args.predictors or args.model
+        path = path / PREDICTORS_FILE if path.is_dir() else path
+        if not path.is_file():
+            raise ValueError(f"--predictors {path}: no such file; train predictors for this model first with "
+                             f"`leanformer predictors --model {args.model} --data TEXTFILE`")
+        predictors = Predictors.load(path)
+    lm = load_sparsified_lm(args.model, args.threshold, progress)
+    prompt = encode_text(args.prompt, lm.tokenizer)
+    if len(prompt) == 0:
+        raise ValueError(f"--prompt {args.prompt!r} encodes to no tokens: expected some text to continue")
+    check_vocab(lm.model, args.model, [prompt], "--prompt")
+    with torch.no_grad():
+        lm.model(prompt[None])  # warm-up: first-call allocations and kernel selection stay out of the timings
+    dense, model = lm.model, lm.model
+    if args.sparse != "off":
+        model = sparsify_for_inference(copy.deepcopy(dense) if args.compare else dense, args.sparse, predictors,
+                                       max_active=max_active)
+        backend(next(model.parameters()).detach())  # loads (or builds) the compiled kernels now, not while timed
+
+    result = decode(model, prompt, args.max_new_tokens, "decode", progress)
+    payload = {"model": str(args.model), "activation": lm.activation, "sparse": args.sparse,
+               "max_active": None if args.sparse == "off" else max_active, "prompt": args.prompt,
+               "prompt_tokens": len(prompt), "text": decode_tokens(torch.cat([prompt, result["tokens"]]), lm.tokenizer),
+               **{k: v for k, v in result.items() if k != "tokens"}, "token_ids": result["tokens"].tolist(),
+               "paths": None if args.sparse == "off" else path_summary(model)}
+    if args.compare:
+        reference = decode(dense, prompt, args.max_new_tokens, "dense", progress)
+        payload["dense"] = {"new_tokens": reference["new_tokens"], "seconds": reference["seconds"],
+                            "tokens_per_s": reference["tokens_per_s"]}
+        payload["speedup"] = payload["tokens_per_s"] / reference["tokens_per_s"]
+        payload["identical_tokens"] = torch.equal(result["tokens"], reference["tokens"])
+    summarize(args, payload)
+    return 0
+
+
+def summarize(args: argparse.Namespace, payload: dict) -> None:
+    if args.json:
+        print(json.dumps(payload, indent=2))
+        return
+    mode = payload["sparse"] + ("" if payload["sparse"] == "off" else f" (max_active {payload['max_active']})")
+    rows = [("model", payload["model"]), ("activation", payload["activation"]), ("sparse", mode),
+            ("decoding", f"{payload['new_tokens']} new tokens in {payload['seconds']:.3f} s: "
+                         f"{payload['tokens_per_s']:.1f} tokens/s")]
+    paths = payload["paths"]
+    if paths is not None:
+        calls = ", ".join(f"{path} {count}" for path, count in paths["calls"].items())
+        computed = "-" if paths["computed_fraction"] is None else f"{100 * paths['computed_fraction']:.1f}%"
+        rows.append(("FFN paths", f"{calls} calls; {computed} of hidden units computed (mean over "
+                                  f"{len(paths['layers'])} FFNs)"))
+    if "dense" in payload:
+        rows.append(("dense", f"{payload['dense']['tokens_per_s']:.1f} tokens/s; speedup {payload['speedup']:.2f}x; "
+                              f"identical tokens: {'yes' if payload['identical_tokens'] else 'no'}"))
+    width = max(len(k) for k, _ in rows)
+    print(payload["text"])
+    print()
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
