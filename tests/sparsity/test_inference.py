@@ -163,6 +163,7 @@ def test_auto_calibration_gives_one_fraction_per_shape():
     relufy(model)
     ffn = find_ffns(model)[0]
     assert 0.0 <= calibrate_max_active(ffn, runs=2) <= 0.9
+    assert 0.0 <= calibrate_max_active(ffn, "predictor", runs=2) <= 0.9
     sparsify_for_inference(model)
     limits = {r["max_active"] for r in inference_report(model).values()}
     assert len(limits) == 1 and 0.0 <= limits.pop() <= 0.9

@@ -192,31 +192,37 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 @torch.no_grad()
-def calibrate_max_active(ffn: FFN, fractions: Iterable[float] = _CALIBRATION_FRACTIONS, runs: int = 5) -> float:
-    """Largest fraction of active units at which the sparse path of ``ffn`` beats its dense one here (batch 1).
+def calibrate_max_active(ffn: FFN, mode: str = "exact", fractions: Iterable[float] = _CALIBRATION_FRACTIONS,
+                         runs: int = 5) -> float:
+    """Largest fraction of active units at which ``mode``'s sparse path of ``ffn`` beats its dense one here (batch 1).
 
     Times, with ``ffn``'s own weights and random active sets, the dense FFN against the sparse path at each
-    fraction (in increasing order) and stops at the first fraction where sparse is not faster. Returns 0.0
-    when sparse never pays (every call then runs dense).
+    fraction (in increasing order) and stops at the first fraction where sparse is not faster. In predictor mode
+    the predictor itself is left out: it has run before the choice is made. Returns 0.0 when sparse never pays
+    (every call then runs dense).
     """
-    weight = ffn.down.weight
+    _neuron_major(ffn.down)
+    weight, hidden = ffn.down.weight, ffn.hidden_features
     x = torch.randn(1, ffn.up.in_features, dtype=weight.dtype, device=weight.device)
-    hidden = ffn.hidden_features
-    h = torch.rand(1, hidden, dtype=weight.dtype, device=weight.device)
     if ffn.gated:
-        dense = lambda: F.linear(F.linear(x, ffn.gate.weight) * F.linear(x, ffn.up.weight), ffn.down.weight)
+        dense = lambda: F.linear(F.linear(x, ffn.gate.weight) * F.linear(x, ffn.up.weight), weight)
     else:
-        dense = lambda: F.linear(h, ffn.down.weight)
+        h = torch.rand(1, hidden, dtype=weight.dtype, device=weight.device)
+        dense = lambda: F.linear(h, weight)
     dense_time = time_interleaved({"dense": dense}, runs)["dense"]["median_s"]
-    weight_t = ffn.down.weight.t()
     best = 0.0
     for fraction in sorted(fractions):
-        index = torch.randperm(hidden, device=weight.device)[: max(1, int(fraction * hidden))].sort().values
-        if ffn.gated:
-            sparse = lambda index=index: scatter_matmul(
-                F.linear(x, ffn.gate.weight)[:, index] * gather_matmul(x, ffn.up.weight, index), weight_t, index)
+        keep = torch.zeros(1, hidden, dtype=torch.bool, device=weight.device)
+        keep[0, torch.randperm(hidden, device=weight.device)[: max(1, int(fraction * hidden))]] = True
+        if not ffn.gated:
+            sparse = lambda kept=h * keep: input_sparse_down(kept, weight.t(), hidden)
+        elif mode == "exact":
+            sparse = lambda keep=keep: gated_down(
+                x, F.linear(x, ffn.gate.weight) * keep, ffn.up.weight, None, weight.t(), hidden)
         else:
-            sparse = lambda index=index: scatter_matmul(h[:, index], weight_t, index)
+            index = keep[0].nonzero().squeeze(1)
+            sparse = lambda index=index: scatter_matmul(
+                gather_matmul(x, ffn.gate.weight, index) * gather_matmul(x, ffn.up.weight, index), weight.t(), index)
         if time_interleaved({"sparse": sparse}, runs)["sparse"]["median_s"] >= dense_time:
             break
         best = fraction
@@ -230,7 +236,7 @@ def sparsify_for_inference(model: nn.Module, mode: str = "exact", predictors=Non
     ``mode="exact"`` gives the dense outputs (up to float rounding); ``mode="predictor"`` uses ``predictors``
     (a `Predictors` with one entry per FFN name) to choose the units of gated FFNs. ``max_active`` is the
     largest fraction of hidden units a call may compute sparsely before it runs dense instead; "auto"
-    measures it per FFN shape on this machine (`calibrate_max_active`, a second or so per shape). Everything
+    measures it per FFN shape and mode on this machine (`calibrate_max_active`, a second or so per shape). Everything
     is validated before the model is touched. Works under ``model.generate()``; use `inference_report` to see
     which path ran.
     """
@@ -247,8 +253,7 @@ def sparsify_for_inference(model: nn.Module, mode: str = "exact", predictors=Non
         if max_active == "auto":
             key = (ffn.gated, ffn.up.in_features, ffn.hidden_features, ffn.down.out_features, ffn.down.weight.dtype)
             if key not in calibrated:
-                _neuron_major(ffn.down)
-                calibrated[key] = calibrate_max_active(ffn)
+                calibrated[key] = calibrate_max_active(ffn, mode)
             limit = calibrated[key]
         if ffn.gated:
             _replace(model, ffn.name, SparseGatedFFN(ffn, mode, predictors[ffn.name] if predictors else None, limit))
@@ -258,9 +263,9 @@ def sparsify_for_inference(model: nn.Module, mode: str = "exact", predictors=Non
     return model
 
 
-def inference_report(model: nn.Module) -> dict[str, dict]:
+def inference_report(model: nn.Module, reset: bool = False) -> dict[str, dict]:
     """Per sparse FFN module: its calls per path ("sparse-native", "sparse-torch", "dense"), the mean
-    fraction of hidden units computed, and its ``max_active``."""
+    fraction of hidden units computed, and its ``max_active``; ``reset`` then zeroes the counts."""
     report = {}
     for name, module in model.named_modules():
         if isinstance(module, (SparseGatedFFN, SparseInputLinear)):
@@ -268,4 +273,6 @@ def inference_report(model: nn.Module) -> dict[str, dict]:
             computed, total = calls.pop("units_computed", 0), calls.pop("units_total", 0)
             report[name] = {"calls": calls, "computed_fraction": computed / total if total else None,
                             "max_active": module.max_active}
+            if reset:
+                module._reset_counts()
     return report

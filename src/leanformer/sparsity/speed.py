@@ -4,7 +4,8 @@ Used by ``leanformer bench sparse-ffn`` and ``benchmarks/sparse_inference.py``. 
 weights of the requested shape) with a FATReLU threshold chosen so that a random token activates the requested
 fraction of hidden units; every call gets a fresh input, hence a fresh active set. Weights are cycled over
 enough layers (at least 4, and at least 256 MiB of them) that they do not stay in the CPU caches between calls,
-as in a real model. Timings are medians of interleaved runs after a warm-up (`leanformer._timing`).
+as in a real model. All modes share the dense weights except the down projection, kept once more neuron-major:
+4096x11008 gated needs about 3 GB. Timings are medians of interleaved runs after a warm-up (`leanformer._timing`).
 """
 
 from __future__ import annotations
@@ -91,6 +92,19 @@ def synthetic_layers(d_model: int, d_ff: int, *, sparsity: float, gated: bool = 
     return layers
 
 
+def _down(layer: nn.Module) -> nn.Linear:
+    return layer.down_proj if isinstance(layer, GatedFFN) else layer.fc2
+
+
+def _twin(layer: nn.Module, down: nn.Linear) -> nn.Module:
+    """A module of ``layer``'s class sharing its gate/up/activation modules, with ``down`` as its down projection:
+    every mode times the same weights, and only the down weight exists twice (dense and neuron-major)."""
+    twin = copy.copy(layer)
+    twin._modules = dict(layer._modules)  # a new table of the same submodules
+    setattr(twin, "down_proj" if isinstance(layer, GatedFFN) else "fc2", down)
+    return twin
+
+
 def _predictors_for(layers: list[nn.Module], sparsity: float, rank: int | None, generator) -> dict:
     """Random low-rank predictors whose threshold predicts ``1 - sparsity`` of the units of a random token
     (speed only: their recall is meaningless)."""
@@ -137,8 +151,9 @@ def time_sparse_ffn(d_model: int, d_ff: int, *, sparsity: float, batch: int = 1,
     generator = torch.Generator().manual_seed(seed + 1)
     dense = synthetic_layers(d_model, d_ff, sparsity=sparsity, gated=gated, count=layers, seed=seed)
     models = {"dense": nn.Sequential(*dense)}
+    downs = [copy.deepcopy(_down(layer)) for layer in dense]  # the one neuron-major copy every mode shares
     for mode in modes:
-        model = copy.deepcopy(models["dense"])
+        model = nn.Sequential(*(_twin(layer, down) for layer, down in zip(dense, downs, strict=True)))
         predictors = _predictors_for(dense, sparsity, rank, generator) if mode == "predictor" else None
         sparsify_for_inference(model, "predictor" if mode == "predictor" else "exact", predictors, max_active=1.0,
                                specs=SYNTHETIC_SPECS)
