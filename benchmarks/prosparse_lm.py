@@ -183,7 +183,7 @@ def plot(result: dict, path: Path) -> None:
         axes[3].annotate(f"t={s['threshold']:g}", (100 * s["sparsity"], s["perplexity"]), fontsize=8)
     axes[3].set(title=f"FATReLU threshold sweep (ProSparse, seed {first})", xlabel="sparsity (%)",
                 ylabel="perplexity")
-    for ax in axes:
+    for ax in axes[:3]:
         ax.legend(fontsize=7)
     m = result["machine"]
     fig.suptitle(f"ProSparse, byte-level LLaMA on Tiny Shakespeare — {m['cpu']}, {m['torch_threads']} threads",
