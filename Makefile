@@ -34,6 +34,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/prosparse_lm.py
 	$(PY) benchmarks/lazy_neuron.py
 	$(PY) benchmarks/minilm_relufy.py
+	$(PY) benchmarks/sparse_inference.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -4,8 +4,9 @@
    4096x11008 (LLaMA-7B), per-token sparsity 50..95%, batch 1; gated (LLaMA) FFNs with the exact path (compiled
    kernels and PyTorch ops only) and the predictor path, plain (BERT/ViT) FFNs with the exact path. Weights
    cycled over >= 4 layers and >= 256 MiB, a fresh input (so a fresh active set) per call, median of --runs.
-2. Batch crossover: 1024x2816 gated, the exact path at batch 1..16 and union fractions 10..70%: where sparse
-   stops paying, against `calibrate_max_active`'s batch-1 estimate.
+2. Batch crossover: 1024x2816 gated, the exact path at batch 1..64 and union fractions 10..95% (a batch-1
+   token cannot be made denser than ReLU's 50% here): where sparse stops paying, against
+   `calibrate_max_active`'s batch-1 estimate.
 3. End to end: a LLaMA-style byte-level model (hidden 1024, 8 layers, FFN 2816) trained with ProSparse on Tiny
    Shakespeare (ReLU + progressive L1 + FATReLU, from scratch: --e2e-steps), predictors trained on its real
    activations; greedy decoding tokens/s dense vs exact vs predictor, identical tokens, predictor recall and
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from leanformer._io import write_json_atomic
 from leanformer._timing import time_interleaved
@@ -33,7 +35,7 @@ from leanformer.data.text import lm_batches, lm_eval_batches, load_text
 from leanformer.sparsity import find_ffns, inference_report, measure_sparsity, sparsify_for_inference
 from leanformer.sparsity.inference import calibrate_max_active
 from leanformer.sparsity.predictor import PredictorConfig, evaluate_predictors, train_predictors
-from leanformer.sparsity.prosparse import ProSparseConfig, causal_lm_loss, prosparse
+from leanformer.sparsity.prosparse import ProSparseConfig, prosparse
 from leanformer.sparsity.regularize import PROSPARSE_7B, ProSparseSchedule
 from leanformer.sparsity.speed import SYNTHETIC_SPECS, synthetic_layers, time_sparse_ffn
 
@@ -65,6 +67,8 @@ def batch_crossover(args) -> dict:
     for batch in args.batches:
         for union in args.unions:
             token_sparsity = (1 - union) ** (1 / batch)  # independent tokens: union = 1 - sparsity^batch
+            if token_sparsity < 0.5:  # below ReLU's own sparsity on symmetric pre-activations: not reachable
+                continue
             row = time_sparse_ffn(d_model, d_ff, sparsity=token_sparsity, batch=batch, modes=("exact",),
                                   runs=args.runs)
             rows.append({"batch": batch, "union_target": union, "union": row["exact"]["computed_fraction"],
@@ -92,26 +96,39 @@ def build_lm(args):
     return LlamaForCausalLM(config)
 
 
-def val_loss(model, batches, masks=None) -> float:
-    """Mean validation loss; with ``masks`` (predictors by FFN name) each token keeps only its predicted units,
-    as batch-1 decoding with the predictor path would."""
+def masked_by_predictors(model, predictors) -> list:
+    """Hooks making every token keep only its predicted FFN units, as batch-1 decoding with the predictor path
+    computes them; remove the returned handles to undo."""
     handles = []
-    if masks is not None:
-        for ffn in find_ffns(model):
-            predictor, seen = masks[ffn.name], {}
-            handles.append(ffn.up.register_forward_pre_hook(lambda m, a, seen=seen: seen.update(x=a[0])))
-            handles.append(ffn.down.register_forward_pre_hook(
-                lambda m, a, seen=seen, p=predictor: (a[0] * p.predict(seen["x"]),)))
-    total = count = 0.0
-    try:
-        with torch.no_grad():
-            for inputs, targets in batches:
-                total += float(causal_lm_loss(model, (inputs, targets))) * targets.numel()
-                count += targets.numel()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return total / count
+    for ffn in find_ffns(model):
+        predictor, seen = predictors[ffn.name], {}
+        handles.append(ffn.up.register_forward_pre_hook(lambda m, a, seen=seen: seen.update(x=a[0])))
+        handles.append(ffn.down.register_forward_pre_hook(
+            lambda m, a, seen=seen, p=predictor: (a[0] * p.predict(seen["x"]),)))
+    return handles
+
+
+def predictor_effect(model, batches, predictors) -> dict:
+    """Validation loss dense and with each token's units chosen by the predictors, and the relative L2 error of
+    the logits between the two."""
+    totals = {"dense": 0.0, "predictor": 0.0}
+    error = norm = count = 0.0
+    with torch.no_grad():
+        for inputs, targets in batches:
+            dense = model(inputs).logits
+            handles = masked_by_predictors(model, predictors)
+            try:
+                approx = model(inputs).logits
+            finally:
+                for handle in handles:
+                    handle.remove()
+            for name, logits in (("dense", dense), ("predictor", approx)):
+                totals[name] += float(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum"))
+            error += float((approx - dense).pow(2).sum())
+            norm += float(dense.pow(2).sum())
+            count += targets.numel()
+    return {"val_loss": {name: total / count for name, total in totals.items()},
+            "logits_relative_error": math.sqrt(error / norm)}
 
 
 def end_to_end(args) -> dict:
@@ -139,10 +156,11 @@ def end_to_end(args) -> dict:
     predictors, fit_report = train_predictors(model, predictor_batches, PredictorConfig(target_recall=args.recall),
                                               progress=args.progress)
     held_out = evaluate_predictors(model, predictors, [inputs for inputs, _ in eval_batches])
-    losses = {"dense": val_loss(model, eval_batches), "predictor": val_loss(model, eval_batches, predictors)}
+    effect = predictor_effect(model, eval_batches, predictors)
+    losses = effect["val_loss"]
     print(f"predictors: held-out recall {held_out.mean_recall:.4f}, predicted sparsity "
           f"{held_out.mean_predicted_sparsity:.4f}; val loss dense {losses['dense']:.4f} predictor "
-          f"{losses['predictor']:.4f}", flush=True)
+          f"{losses['predictor']:.4f}; logits relative error {effect['logits_relative_error']:.4f}", flush=True)
 
     models = {"dense": model,
               "exact": sparsify_for_inference(copy.deepcopy(model), "exact"),
@@ -179,6 +197,7 @@ def end_to_end(args) -> dict:
                       "parameters": parameters, "steps": args.e2e_steps, "train_seconds": train_seconds,
                       "schedule": result.schedule},
             "sparsity": sparsity.to_dict(), "val_loss": losses,
+            "logits_relative_error": effect["logits_relative_error"],
             "val_perplexity": {k: math.exp(v) for k, v in losses.items()},
             "predictors": {"fit": fit_report.to_dict(), "held_out": held_out.to_dict()},
             "decode": decode_rows, "prompt": bytes(prompt[0].tolist()).decode("utf-8", "replace")}
@@ -250,15 +269,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sparsities", type=_floats, default=[0.5, 0.7, 0.8, 0.9, 0.95])
     parser.add_argument("--runs", type=int, default=9, help="timed runs per measurement (median reported)")
     parser.add_argument("--crossover-shape", type=lambda t: _pairs(t)[0], default=(1024, 2816))
-    parser.add_argument("--batches", type=_ints, default=[1, 2, 4, 8, 16])
-    parser.add_argument("--unions", type=_floats, default=[0.1, 0.2, 0.3, 0.5, 0.7])
+    parser.add_argument("--batches", type=_ints, default=[1, 4, 16, 64])
+    parser.add_argument("--unions", type=_floats, default=[0.1, 0.3, 0.5, 0.7, 0.85, 0.95])
     parser.add_argument("--e2e-hidden", type=int, default=1024)
     parser.add_argument("--e2e-ffn", type=int, default=2816)
     parser.add_argument("--e2e-layers", type=int, default=8)
     parser.add_argument("--e2e-heads", type=int, default=16)
     parser.add_argument("--e2e-steps", type=int, default=400, help="ProSparse steps of the end-to-end model")
     parser.add_argument("--e2e-relu-steps", type=int, default=100)
-    parser.add_argument("--lambda-scale", type=float, default=5.0, help="multiplies the paper's 7B λ table")
+    parser.add_argument("--lambda-scale", type=float, default=0.5,
+                        help="multiplies the paper's 7B λ table (0.5: about the paper's ~90%% sparsity for this model; "
+                        "5, as in prosparse_lm.py, makes it 99.7%% sparse)")
     parser.add_argument("--threshold", type=float, default=0.01, help="FATReLU threshold")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=8)

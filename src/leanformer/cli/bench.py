@@ -20,10 +20,9 @@ SPARSE_FFN_DESCRIPTION = (
     "Gated (LLaMA) FFNs by default, --plain for BERT/ViT ones. Weights are cycled over --layers layers (default: "
     "at least 4 and 256 MiB) so they do not stay in cache; times are medians of --runs interleaved runs. Prints, "
     "per sparsity, each mode's ms per call, speedup over dense and share of hidden units computed, with the CPU "
-    "model and torch threads. Memory: torch itself (about 0.7 GB) and 1 + len(modes) copies of the layers, "
-    "3 x d_model x d_ff x 4 bytes per gated layer: a peak of about 2 GB at the default 1024x2816 (well under a "
-    "minute), about 9.4 GB at LLaMA-7B's 4096x11008, 3 GB with --layers 1 (one 541 MB layer already exceeds "
-    "the caches). "
+    "model and torch threads. Memory: torch itself (about 0.7 GB), the layers (3 x d_model x d_ff x 4 bytes per "
+    "gated layer) and one neuron-major copy of their down projections, which every mode shares: about 1 GB at the "
+    "default 1024x2816 (well under a minute), about 3.6 GB at LLaMA-7B's 4096x11008 (4 layers). "
     "The full sweep with the end-to-end decoding test is benchmarks/sparse_inference.py."
 )
 

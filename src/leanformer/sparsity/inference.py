@@ -74,18 +74,15 @@ class SparseGatedFFN(nn.Module, _CountsPaths):
         names = _child_names(ffn)
         for role, attr in names.items():
             self.add_module(attr, {"gate": ffn.gate, "up": ffn.up, "down": ffn.down, "act": ffn.act}[role])
-        self._names = names
+        self._roles = tuple(names[role] for role in ("gate", "up", "down", "act"))  # attribute names, in this order
         self.mode, self.max_active = mode, max_active
         # not registered as a submodule: the predictor is not part of the model's weights (state_dict)
         object.__setattr__(self, "predictor", predictor)
         _neuron_major(ffn.down)
         self._reset_counts()
 
-    def _part(self, role: str) -> nn.Module:
-        return getattr(self, self._names[role])
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up, down, act = (self._part(r) for r in ("gate", "up", "down", "act"))
+        gate, up, down, act = map(self._modules.__getitem__, self._roles)  # per token: the cheapest lookup
         tokens = x.reshape(-1, x.shape[-1])
         hidden = down.in_features
         limit = int(self.max_active * hidden)
