@@ -14,7 +14,7 @@
 
 Writes benchmarks/results/sparse_inference.json + .png.
 
-    python benchmarks/sparse_inference.py            # about 30 minutes on 2 CPU cores
+    python benchmarks/sparse_inference.py            # about 20 minutes on 2 CPU cores
     python benchmarks/sparse_inference.py --quick    # a tiny run: checks the script works
 """
 
@@ -278,8 +278,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--e2e-steps", type=int, default=400, help="ProSparse steps of the end-to-end model")
     parser.add_argument("--e2e-relu-steps", type=int, default=100)
     parser.add_argument("--lambda-scale", type=float, default=0.5,
-                        help="multiplies the paper's 7B λ table (0.5: about the paper's ~90%% sparsity for this model; "
-                        "5, as in prosparse_lm.py, makes it 99.7%% sparse)")
+                        help="multiplies the paper's 7B λ table (0.5 makes this model ~96%% sparse; "
+                        "5, as in prosparse_lm.py, ~99.8%%)")
     parser.add_argument("--threshold", type=float, default=0.01, help="FATReLU threshold")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=8)
