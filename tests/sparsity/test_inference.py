@@ -59,6 +59,20 @@ def test_exact_mode_equals_the_dense_model(family, activation, path):
     assert all(expected in r["calls"] for r in inference_report(sparse_model).values())
 
 
+def test_hooks_on_the_activation_still_see_it_run():
+    """The exact kernel applies ReLU/FATReLU itself, except when someone watches the activation module."""
+    model, inputs = tiny_llama()
+    relufy(model, "fatrelu", 0.05)
+    model.eval()
+    act = find_ffns(model)[0].act
+    sparsify_for_inference(model, max_active=1.0)
+    seen = []
+    handle = act.register_forward_hook(lambda m, a, out: seen.append(out))
+    _run(model, inputs)
+    handle.remove()
+    assert len(seen) == 1 and seen[0].shape[-1] == model.config.intermediate_size and (seen[0] == 0).any()
+
+
 def test_batch_union_and_dense_fallback_give_the_same_outputs():
     torch.manual_seed(0)
     model, _ = tiny_llama()

@@ -90,12 +90,26 @@ def test_fused_tails_equal_the_dense_ffn_and_count_the_union(batch, d, n, m, zer
     union = int((a != 0).any(0).sum())
     up = x @ w_up.T + (b_up if bias else 0)
     with torch.no_grad():
-        out, count = gated_down(x, a, w_up, b_up, w_t, n)
+        out, count, _ = gated_down(x, a, w_up, b_up, w_t, n)
         assert count == union
         torch.testing.assert_close(out, (a * up) @ w_t, atol=1e-4, rtol=1e-4)
-        out, count = input_sparse_down(a, w_t, n)
+        out, count, _ = input_sparse_down(a, w_t, n)
         assert count == union
         torch.testing.assert_close(out, a @ w_t, atol=1e-4, rtol=1e-4)
         if union > 0:  # one unit too many: refused, nothing computed
-            assert gated_down(x, a, w_up, b_up, w_t, union - 1) == (None, union)
-            assert input_sparse_down(a, w_t, union - 1) == (None, union)
+            assert gated_down(x, a, w_up, b_up, w_t, union - 1)[:2] == (None, union)
+            assert input_sparse_down(a, w_t, union - 1)[:2] == (None, union)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.3])
+def test_fused_threshold_equals_applying_the_activation_first(threshold):
+    g = torch.Generator().manual_seed(3)
+    x, w_up, w_t = torch.randn(3, 16, generator=g), torch.randn(40, 16, generator=g), torch.randn(40, 24, generator=g)
+    pre = torch.randn(3, 40, generator=g)
+    pre[0, :5] = threshold  # exactly at the threshold: kept, as FATReLU keeps x >= t
+    activated = pre.masked_fill(pre < threshold, 0)
+    with torch.no_grad():
+        fused, count, _ = gated_down(x, pre, w_up, None, w_t, 40, threshold)
+        unfused, unfused_count, _ = gated_down(x, activated, w_up, None, w_t, 40)
+    assert count == unfused_count == int((activated != 0).any(0).sum())
+    torch.testing.assert_close(fused, unfused)

@@ -40,6 +40,7 @@ __all__ = ["INFERENCE_MODES", "SparseGatedFFN", "SparseInputLinear", "calibrate_
 
 INFERENCE_MODES = ("exact", "predictor")
 _ELEMENTWISE = (nn.ReLU, FATReLU)
+_PATH_NAMES = {"native": "sparse-native", "torch": "sparse-torch"}  # as reported by inference_report
 _CALIBRATION_FRACTIONS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
@@ -87,11 +88,14 @@ class SparseGatedFFN(nn.Module, _CountsPaths):
         hidden = down.in_features
         limit = int(self.max_active * hidden)
         if self.mode == "exact":
-            a = act(gate(tokens))
-            out, count = gated_down(tokens, a, up.weight, up.bias, down.weight.t(), limit)
+            threshold = _fusable_threshold(act)
+            a = gate(tokens) if threshold is not None else act(gate(tokens))
+            out, count, path = gated_down(tokens, a, up.weight, up.bias, down.weight.t(), limit, threshold)
+            if out is None and threshold is not None:
+                a = act(a)
         else:
             index = self.predictor.predict(tokens).any(0).nonzero().squeeze(1)
-            out, count = None, index.numel()
+            out, count, path = None, index.numel(), backend(tokens, gate.weight, up.weight, down.weight)
             if count <= limit:
                 h = act(_gathered(tokens, gate, index)) * _gathered(tokens, up, index)
                 out = scatter_matmul(h, down.weight.t(), index)
@@ -102,7 +106,7 @@ class SparseGatedFFN(nn.Module, _CountsPaths):
             return down(a * up(tokens)).reshape(*x.shape[:-1], down.out_features)
         if down.bias is not None:
             out = out + down.bias
-        self._count("sparse-" + backend(tokens, down.weight), count, hidden)
+        self._count(_PATH_NAMES[path], count, hidden)
         return out.reshape(*x.shape[:-1], down.out_features)
 
 
@@ -119,19 +123,27 @@ class SparseInputLinear(nn.Linear, _CountsPaths):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         tokens = h.reshape(-1, self.in_features)
-        out, count = input_sparse_down(tokens, self.weight.t(), int(self.max_active * self.in_features))
+        out, count, path = input_sparse_down(tokens, self.weight.t(), int(self.max_active * self.in_features))
         if out is None:
             self._count("dense", self.in_features, self.in_features)
             return F.linear(h, self.weight, self.bias)
         if self.bias is not None:
             out = out + self.bias
-        self._count("sparse-" + backend(tokens, self.weight), count, self.in_features)
+        self._count(_PATH_NAMES[path], count, self.in_features)
         return out.reshape(*h.shape[:-1], self.out_features)
 
 
 def _gathered(tokens: torch.Tensor, linear: nn.Linear, index: torch.Tensor) -> torch.Tensor:
     out = gather_matmul(tokens, linear.weight, index)
     return out if linear.bias is None else out + linear.bias[index]
+
+
+def _fusable_threshold(act: nn.Module) -> float | None:
+    """The threshold of a ReLU/FATReLU the exact kernel can apply itself, or None to call ``act`` (Top-k, or
+    an activation with hooks, e.g. from `measure_sparsity`, which must see it run)."""
+    if act._forward_hooks or act._forward_pre_hooks or type(act) not in _ELEMENTWISE:
+        return None
+    return getattr(act, "threshold", 0.0)
 
 
 def _child_names(ffn: FFN) -> dict[str, str]:

@@ -8,7 +8,8 @@ only for the active rows of its transposed weight. Two products cover both:
     scatter_matmul(h, wt, idx)  == h @ wt[idx]         (b, m): the down projection from k active units
 
 and two whole FFN tails that also find the active units (those nonzero for at least one token of the call)
-and refuse, returning None, when there are more than ``max_units`` of them (the caller then runs dense):
+and refuse, returning None, when there are more than ``max_units`` of them (the caller then runs dense); they
+also say which backend ran, so a caller can report it without asking again:
 
     gated_down(x, a, up_weight, up_bias, wt, max_units)   == (a * up(x)) @ wt     given a = act(gate(x))
     input_sparse_down(h, wt, max_units)                    == h @ wt
@@ -21,20 +22,31 @@ which one a call takes, so callers can report what ran.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
 from .._native import kernels as _native_kernels
 
-__all__ = ["active_units", "backend", "gated_down", "gather_matmul", "input_sparse_down", "scatter_matmul"]
+__all__ = ["SparseCall", "active_units", "backend", "gated_down", "gather_matmul", "input_sparse_down",
+           "scatter_matmul"]
+
+
+class SparseCall(NamedTuple):
+    """What a whole sparse FFN tail returned: the output (None when refused), the units active, the backend."""
+
+    out: torch.Tensor | None
+    count: int
+    backend: str
 
 
 def backend(*tensors: torch.Tensor) -> str:
     """"native" if the compiled kernels take these tensors (CPU fp32, no autograd, built), else "torch"."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return "torch"
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
-        return "torch"
+    grad = torch.is_grad_enabled()
+    for t in tensors:  # a plain loop: this runs on every FFN call of a decode step
+        if not t.is_cpu or t.dtype != torch.float32 or (grad and t.requires_grad):
+            return "torch"
     return "native" if _native_kernels("sparse_ffn") is not None else "torch"
 
 
@@ -78,29 +90,36 @@ def active_units(a: torch.Tensor) -> torch.Tensor:
 
 
 def gated_down(x: torch.Tensor, a: torch.Tensor, up_weight: torch.Tensor, up_bias: torch.Tensor | None,
-               weight_t: torch.Tensor, max_units: int) -> tuple[torch.Tensor | None, int]:
-    """``(a * (x @ up_weight.T + up_bias)) @ weight_t`` over the active units of ``a``, and their number;
-    (None, number) if more than ``max_units`` are active."""
+               weight_t: torch.Tensor, max_units: int, threshold: float | None = None) -> SparseCall:
+    """``(a * (x @ up_weight.T + up_bias)) @ weight_t`` over the active units of ``a``; ``out`` is None if
+    more than ``max_units`` are active.
+
+    With ``threshold``, ``a`` is the gate's output before a FATReLU/ReLU at that threshold, which is applied
+    here (fused: one pass over ``a`` fewer, one tensor fewer at batch 1).
+    """
     if backend(x, a, up_weight, weight_t) == "native" and (up_bias is None or up_bias.dtype == torch.float32):
         out, count = _native_kernels("sparse_ffn").gated_down(
             x.contiguous(), a.contiguous(), up_weight.contiguous(),
-            None if up_bias is None else up_bias.contiguous(), weight_t.contiguous(), max_units)
-        return out, count
+            None if up_bias is None else up_bias.contiguous(), weight_t.contiguous(), max_units, threshold)
+        return SparseCall(out, count, "native")
+    if threshold is not None:
+        a = a.masked_fill(a < threshold, 0)
     index = active_units(a)
     if index.numel() > max_units:
-        return None, index.numel()
+        return SparseCall(None, index.numel(), "torch")
     up = gather_matmul(x, up_weight, index)
     if up_bias is not None:
         up = up + up_bias[index]
-    return scatter_matmul(a.index_select(1, index) * up, weight_t, index), index.numel()
+    return SparseCall(scatter_matmul(a.index_select(1, index) * up, weight_t, index), index.numel(), "torch")
 
 
-def input_sparse_down(h: torch.Tensor, weight_t: torch.Tensor, max_units: int) -> tuple[torch.Tensor | None, int]:
-    """``h @ weight_t`` over the units nonzero for some token of ``h`` (tokens, units), and their number;
-    (None, number) if more than ``max_units`` are."""
+def input_sparse_down(h: torch.Tensor, weight_t: torch.Tensor, max_units: int) -> SparseCall:
+    """``h @ weight_t`` over the units nonzero for some token of ``h`` (tokens, units); ``out`` is None if
+    more than ``max_units`` are."""
     if backend(h, weight_t) == "native":
-        return _native_kernels("sparse_ffn").input_sparse_down(h.contiguous(), weight_t.contiguous(), max_units)
+        out, count = _native_kernels("sparse_ffn").input_sparse_down(h.contiguous(), weight_t.contiguous(), max_units)
+        return SparseCall(out, count, "native")
     index = active_units(h)
     if index.numel() > max_units:
-        return None, index.numel()
-    return scatter_matmul(h.index_select(1, index), weight_t, index), index.numel()
+        return SparseCall(None, index.numel(), "torch")
+    return SparseCall(scatter_matmul(h.index_select(1, index), weight_t, index), index.numel(), "torch")

@@ -7,7 +7,8 @@
 //   gather_matmul   out[t, j] = dot(x[t, :], w[idx[j], :])          (up/gate: w is out x in, row-major)
 //   scatter_matmul  out[t, :] = sum_j h[t, j] * wt[idx[j], :]        (down: wt is the down weight transposed)
 // and, fused so that a whole sparse FFN call is one step, with its active set found from the activations:
-//   gated_down         down(a * up(x)) for a gated FFN once a = act(gate(x)) is known
+//   gated_down         down(a * up(x)) for a gated FFN once a = act(gate(x)) is known (or, with a
+//                      threshold, once gate(x) is: the FATReLU/ReLU is then applied inside)
 //   input_sparse_down  down(h) for a plain FFN
 // A row is used by every token of the (small) batch while it is in cache. fp32 only; work is split
 // with at::parallel_for, so torch.set_num_threads applies.
@@ -54,12 +55,16 @@ inline float dot_prefetching(const float* row, const float* x, int64_t d, const 
 // Below this many multiply-adds a product runs on one thread: waking the pool costs more.
 constexpr int64_t kSerialWork = 1 << 15;
 
+// a[t, j] after an optional fused FATReLU/ReLU at thr (x if not x < thr, else 0, as FATReLU's masked_fill).
+inline float activated(float v, bool fused, float thr) { return fused && v < thr ? 0.f : v; }
+
 // Units (columns of a, b x n) nonzero for at least one of the b tokens, in increasing order.
-std::vector<int64_t> union_of_nonzero_columns(const float* a, int64_t b, int64_t n) {
+std::vector<int64_t> union_of_nonzero_columns(const float* a, int64_t b, int64_t n, bool fused = false,
+                                              float thr = 0.f) {
   std::vector<int64_t> idx;
   for (int64_t j = 0; j < n; ++j) {
     for (int64_t t = 0; t < b; ++t) {
-      if (a[t * n + j] != 0.f) {  // NaN counts as active, as in PyTorch's a != 0
+      if (activated(a[t * n + j], fused, thr) != 0.f) {  // NaN counts as active, as in PyTorch's a != 0
         idx.push_back(j);
         break;
       }
@@ -137,10 +142,11 @@ void check_dense(const torch::Tensor& t, int64_t rows, int64_t cols, const char*
 }
 
 // The rest of an exact gated FFN once a = act(gate(x)) is known: down(a * up(x)) over the units active for
-// some token, or (undefined, count) when more than max_units are active (the caller runs dense).
+// some token, or (undefined, count) when more than max_units are active (the caller runs dense). With a
+// threshold, a is gate(x) itself and the FATReLU/ReLU is applied here, to the units it reads.
 std::tuple<torch::Tensor, int64_t> gated_down(const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& wu,
                                               const c10::optional<torch::Tensor>& bu, const torch::Tensor& wdt,
-                                              int64_t max_units) {
+                                              int64_t max_units, c10::optional<double> threshold) {
   const int64_t b = x.size(0), d = x.size(1), n = wu.size(0), m = wdt.size(1);
   check_dense(x, b, d, "gated_down x");
   check_dense(a, b, n, "gated_down a");
@@ -152,12 +158,16 @@ std::tuple<torch::Tensor, int64_t> gated_down(const torch::Tensor& x, const torc
     bp = bu->data_ptr<float>();
   }
   const float* ap = a.data_ptr<float>();
-  const std::vector<int64_t> idx = union_of_nonzero_columns(ap, b, n);
+  const bool fused = threshold.has_value();
+  const float thr = fused ? static_cast<float>(*threshold) : 0.f;
+  const std::vector<int64_t> idx = union_of_nonzero_columns(ap, b, n, fused, thr);
   const int64_t k = static_cast<int64_t>(idx.size());
   if (k > max_units) return {torch::Tensor(), k};
   auto h = torch::empty({b, k}, x.options());
   gather_rows(x.data_ptr<float>(), b, d, wu.data_ptr<float>(), idx.data(), k, h.data_ptr<float>(),
-              [&](int64_t t, int64_t j, float dot) { return ap[t * n + idx[j]] * (bp ? dot + bp[idx[j]] : dot); });
+              [&](int64_t t, int64_t j, float dot) {
+                return activated(ap[t * n + idx[j]], fused, thr) * (bp ? dot + bp[idx[j]] : dot);
+              });
   auto out = torch::zeros({b, m}, x.options());
   const float* hp = h.data_ptr<float>();
   scatter_rows(wdt.data_ptr<float>(), m, idx.data(), k, b, out.data_ptr<float>(),
@@ -187,6 +197,8 @@ std::tuple<torch::Tensor, int64_t> input_sparse_down(const torch::Tensor& h, con
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gather_matmul", &gather_matmul, "x @ w[idx].T without copying the rows (fp32)");
   m.def("scatter_matmul", &scatter_matmul, "h @ wt[idx] without copying the rows (fp32)");
-  m.def("gated_down", &gated_down, "exact gated FFN after the gate: down(a * up(x)) over the active units");
+  m.def("gated_down", &gated_down, "exact gated FFN after the gate: down(a * up(x)) over the active units",
+        py::arg("x"), py::arg("a"), py::arg("wu"), py::arg("bu"), py::arg("wdt"), py::arg("max_units"),
+        py::arg("threshold") = py::none());
   m.def("input_sparse_down", &input_sparse_down, "down(h) over the units nonzero for some token (no bias)");
 }
