@@ -1,8 +1,16 @@
 """leanformer: cheaper Transformers and MLP vision models to train, run and adapt.
 
-The public API is re-exported here; see the packages `models`, `memory`, `sparsity`, `data`, `train`.
+The public API is re-exported here; see the packages `models`, `memory`, `sparsity`, `adapters`, `data`, `train`.
 """
 
+from .adapters import (
+    SMoRAConfig,
+    add_smora,
+    disable_adapters,
+    load_adapter,
+    routing_report,
+    save_adapter,
+)
 from .data import DataSplit, load_data
 from .memory import (
     CompressionConfig,
@@ -39,6 +47,7 @@ __all__ = [
     "FFNSpec",
     "ProSparseConfig",
     "ProSparseSchedule",
+    "SMoRAConfig",
     "SavedActivationReport",
     "SparsityRegularizer",
     "SparsityReport",
@@ -47,19 +56,24 @@ __all__ = [
     "TrainResult",
     "Trainer",
     "__version__",
+    "add_smora",
     "apply_topk",
     "compress_activations",
     "compression_stats",
     "create_model",
     "decompress_activations",
+    "disable_adapters",
     "find_ffns",
     "inference_report",
     "list_models",
+    "load_adapter",
     "load_checkpoint",
     "load_data",
     "measure_sparsity",
     "prosparse",
     "relufy",
+    "routing_report",
+    "save_adapter",
     "saved_activation_bytes",
     "sparsify_for_inference",
 ]

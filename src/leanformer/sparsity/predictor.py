@@ -36,10 +36,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from .._checks import is_int, is_real
 from .._io import atomic_write
 from .ffn import FFN, FFNSpec, find_ffns
 from .measure import _split
-from .regularize import _is_int, _is_real
 
 __all__ = ["LayerPrediction", "LowRankPredictor", "PredictorConfig", "PredictorReport", "Predictors",
            "evaluate_predictors", "record_ffn_activity", "train_predictors"]
@@ -59,7 +59,7 @@ class LowRankPredictor(nn.Module):
     def __init__(self, in_features: int, hidden_features: int, rank: int):
         super().__init__()
         for name, value in (("in_features", in_features), ("hidden_features", hidden_features), ("rank", rank)):
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"LowRankPredictor {name}={value!r}: expected a positive integer")
         self.in_features, self.hidden_features, self.rank = in_features, hidden_features, rank
         self.fc1 = nn.Linear(in_features, rank, bias=False)
@@ -101,21 +101,21 @@ class PredictorConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.rank is not None and (not _is_int(self.rank) or self.rank < 1):
+        if self.rank is not None and (not is_int(self.rank) or self.rank < 1):
             raise ValueError(f"rank={self.rank!r}: expected a positive integer or None (in_features // 32, >= 16)")
         for name in ("steps", "batch_size"):
             value = getattr(self, name)
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name}={value!r}: expected a positive integer")
-        if not _is_int(self.max_tokens) or self.max_tokens < 2:
+        if not is_int(self.max_tokens) or self.max_tokens < 2:
             raise ValueError(f"max_tokens={self.max_tokens!r}: expected an integer >= 2 (training + held-out tokens)")
-        if not _is_int(self.seed):
+        if not is_int(self.seed):
             raise ValueError(f"seed={self.seed!r}: expected an integer")
-        if not _is_real(self.target_recall) or not 0 < self.target_recall <= 1:
+        if not is_real(self.target_recall) or not 0 < self.target_recall <= 1:
             raise ValueError(f"target_recall={self.target_recall!r}: expected a number in (0, 1]")
-        if not _is_real(self.lr) or not math.isfinite(self.lr) or self.lr <= 0:
+        if not is_real(self.lr) or not math.isfinite(self.lr) or self.lr <= 0:
             raise ValueError(f"lr={self.lr!r}: expected a finite number > 0")
-        if not _is_real(self.val_fraction) or not 0 < self.val_fraction < 1:
+        if not is_real(self.val_fraction) or not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction={self.val_fraction!r}: expected a number in (0, 1)")
 
     def rank_for(self, in_features: int) -> int:
@@ -279,7 +279,7 @@ def _read_layers(path: Path, metadata: dict[str, str]) -> list[dict]:
     for layer in layers:
         fields = ("name", "in_features", "hidden_features", "rank")
         if not isinstance(layer, dict) or set(layer) != set(fields) or not isinstance(layer["name"], str) \
-                or not all(_is_int(layer[k]) and layer[k] >= 1 for k in fields[1:]):
+                or not all(is_int(layer[k]) and layer[k] >= 1 for k in fields[1:]):
             raise ValueError(f"predictors file {path}: metadata 'layers' entry {layer!r}: expected "
                              "{'name': str, 'in_features': int, 'hidden_features': int, 'rank': int} (positive)")
         if layer["name"] in names:
@@ -394,7 +394,7 @@ def record_ffn_activity(model: nn.Module, batches: Iterable, *, specs: Iterable[
     tuple of positional or a dict of keyword arguments. The model runs in eval mode under no_grad; training flags
     are restored and the hooks removed even if it raises. ValueError if ``batches`` is empty or an FFN never ran.
     """
-    if not _is_int(max_tokens) or max_tokens < 1:
+    if not is_int(max_tokens) or max_tokens < 1:
         raise ValueError(f"max_tokens={max_tokens!r}: expected a positive integer")
     ffns = find_ffns(model, specs)
     reservoirs = [_Reservoir(max_tokens, seed) for _ in ffns]

@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .._checks import is_int, is_real
 from ..train.checkpoint import (
     check_same_run,
     load_checkpoint_folder,
@@ -42,7 +43,7 @@ from ..train.optim import build_optimizer, lr_at, set_lr
 from .activations import relufy
 from .ffn import FFNSpec
 from .measure import SparsityReport, measure_sparsity
-from .regularize import NORMALIZATIONS, PROSPARSE_7B, ProSparseSchedule, SparsityRegularizer, _is_int, _is_real
+from .regularize import NORMALIZATIONS, PROSPARSE_7B, ProSparseSchedule, SparsityRegularizer
 
 __all__ = ["TASK_LOSSES", "ProSparseConfig", "ProSparseResult", "causal_lm_loss", "classification_loss", "prosparse",
            "task_loss_for"]
@@ -125,24 +126,24 @@ class ProSparseConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_every"):
             value = getattr(self, name)
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name}={value!r}: expected a positive integer")
-        if not _is_int(self.warmup_steps) or not 0 <= self.warmup_steps <= self.steps:
+        if not is_int(self.warmup_steps) or not 0 <= self.warmup_steps <= self.steps:
             raise ValueError(f"warmup_steps={self.warmup_steps!r}: expected an integer in [0, steps={self.steps}]")
-        if not _is_int(self.seed):
+        if not is_int(self.seed):
             raise ValueError(f"seed={self.seed!r}: expected an integer")
-        if self.relu_steps is not None and (not _is_int(self.relu_steps) or not 0 <= self.relu_steps < self.steps):
+        if self.relu_steps is not None and (not is_int(self.relu_steps) or not 0 <= self.relu_steps < self.steps):
             raise ValueError(f"relu_steps={self.relu_steps!r}: expected an integer in [0, steps={self.steps}) or None "
                              "(the paper's share of steps)")
         for name in ("threshold", "lr", "min_lr", "weight_decay"):
             value = getattr(self, name)
-            if not _is_real(value) or not math.isfinite(value) or value < 0:
+            if not is_real(value) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name}={value!r}: expected a finite number >= 0")
         if self.lr == 0:
             raise ValueError("lr=0: expected a positive learning rate")
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr={self.min_lr}: expected at most lr={self.lr}")
-        if self.clip_grad is not None and (not _is_real(self.clip_grad) or not self.clip_grad > 0):
+        if self.clip_grad is not None and (not is_real(self.clip_grad) or not self.clip_grad > 0):
             raise ValueError(f"clip_grad={self.clip_grad!r}: expected a positive number or None (no clipping)")
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization={self.normalization!r}: expected one of {', '.join(NORMALIZATIONS)}")

@@ -17,7 +17,6 @@ the paper's constant λ = 0.1 reaches about the same sparsity but loses two poin
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from itertools import pairwise
 import torch
 import torch.nn as nn
 
+from .._checks import is_int, is_real
 from .ffn import FFN, FFNSpec, find_ffns
 
 __all__ = ["PROSPARSE_13B", "PROSPARSE_7B", "NORMALIZATIONS", "ProSparseSchedule", "SparsityRegularizer"]
@@ -37,14 +37,6 @@ PROSPARSE_13B: tuple[tuple[int, float], ...] = (
     (5500, 0.0), (6750, 5e-3), (10750, 1e-2), (11000, 1e-2), (15000, 2e-2), (16000, 2e-2))
 
 NORMALIZATIONS = ("mean", "sum")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -81,12 +73,12 @@ class ProSparseSchedule:
             if isinstance(stage, (str, bytes)) or not isinstance(stage, Iterable) or len(tuple(stage)) != 2:
                 raise ValueError(f"stages[{i}] must be an (end_step, lambda) pair, got {stage!r}")
             end, lam = tuple(stage)
-            if not _is_int(end):
+            if not is_int(end):
                 raise ValueError(f"stages[{i}] end step must be an int, got {end!r} ({type(end).__name__})")
             if end <= previous_end:
                 raise ValueError(f"stages[{i}] end step {end} must be greater than the previous end step "
                                  f"{previous_end}: end steps must be positive and strictly increasing")
-            if not _is_real(lam) or not math.isfinite(lam) or lam < 0:
+            if not is_real(lam) or not math.isfinite(lam) or lam < 0:
                 raise ValueError(f"stages[{i}] lambda must be a finite number >= 0, got {lam!r}")
             checked.append((int(end), float(lam)))
             previous_end = end
@@ -112,7 +104,7 @@ class ProSparseSchedule:
 
     def value(self, step: float) -> float:
         """λ at training step ``step`` (0-based; fractional steps are allowed)."""
-        if not _is_real(step) or not step >= 0:
+        if not is_real(step) or not step >= 0:
             raise ValueError(f"step must be a number >= 0, got {step!r}")
         warmup = self._warmup
         start, lam_start = 0, 0.0
@@ -132,7 +124,7 @@ class ProSparseSchedule:
 
         For short runs: ``ProSparseSchedule(PROSPARSE_7B).scaled(1650)`` has the paper's shape over 1650 steps.
         """
-        if not _is_int(steps) or steps <= 0:
+        if not is_int(steps) or steps <= 0:
             raise ValueError(f"steps must be a positive int, got {steps!r}")
         total = self.total_steps
         ends = [(end * steps + total // 2) // total for end, _ in self.stages]

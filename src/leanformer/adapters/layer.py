@@ -1,0 +1,153 @@
+"""`SMoRALinear`: a frozen Linear plus a LoRA whose ranks are experts routed per token.
+
+SMoRA (Zhao et al. 2025, "Each Rank Could be an Expert: Single-Ranked Mixture of Experts LoRA for Multi-Task
+Learning") shows that a mixture of LoRA experts is one LoRA whose rank blocks are gated, and makes every rank an
+expert. Per token t a router scores the E experts (sigmoid); a per-expert balance bias, moved after each training
+forward by DeepSeek-V3's loss-free rule (Wang et al. 2024, "Auxiliary-Loss-Free Load Balancing"), is added for
+the top-k choice; the chosen experts' gates are normalised to mean 1 and their ranks used:
+
+    y = W0 x + (alpha / k) * B[:, idx] (g * A[idx] x)
+
+Parameter names follow PEFT's LoRA layer (``base_layer``, ``lora_A``, ``lora_B``) and the official code
+(``lora_router``, ``lora_biases``), so adapter files use the same keys.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import SMoRAConfig
+
+__all__ = ["RoutingContext", "SMoRALinear", "dense_adapter", "gather_adapter"]
+
+
+class RoutingContext:
+    """Shared by the SMoRA layers of one model: the real-token mask of the current forward, if the model was
+    called with an ``attention_mask`` (padding must not count as load), and whether adapters are switched off."""
+
+    def __init__(self) -> None:
+        self.token_mask: torch.Tensor | None = None
+        self.disabled = False
+
+
+class SMoRALinear(nn.Module):
+    """``base_layer(x)`` plus the routed adapter; the base layer is frozen, A/B/router trainable."""
+
+    def __init__(self, base_layer: nn.Linear, config: SMoRAConfig, context: RoutingContext | None = None,
+                 compute: str = "gather"):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"SMoRALinear wraps an nn.Linear, got {type(base_layer).__name__}")
+        self.base_layer = base_layer.requires_grad_(False)
+        self.config = config
+        factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
+        self.lora_A = nn.Linear(base_layer.in_features, config.r, bias=False, **factory)
+        self.lora_B = nn.Linear(config.r, base_layer.out_features, bias=False, **factory)
+        self.lora_router = nn.Linear(base_layer.in_features, config.experts, bias=False, **factory)
+        self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        # moved by the balancing rule, not by gradients; saved with the adapter
+        self.register_buffer("lora_biases", torch.zeros(config.experts, **factory))
+        # routing statistics since the last reset (see `routing_report`), not saved
+        self.register_buffer("expert_load", torch.zeros(config.experts, dtype=torch.float64,
+                                                        device=factory["device"]), persistent=False)
+        self.routed_tokens = 0
+        self.context = context or RoutingContext()
+        self.compute = compute
+        self.reset_adapter_parameters()
+
+    def reset_adapter_parameters(self) -> None:
+        """LoRA's start: A kaiming-uniform (a = sqrt 5, nn.Linear's default), B zero, so the adapter adds 0."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        nn.init.kaiming_uniform_(self.lora_router.weight, a=math.sqrt(5))
+        self.lora_biases.zero_()
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight, for code that reads ``linear.weight`` (e.g. to find a dtype or device)."""
+        return self.base_layer.weight
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per token of x (tokens, in): the ranks used (tokens, active_r) and their gates (tokens, active_r)."""
+        cfg = self.config
+        scores = torch.sigmoid(self.lora_router(x))
+        biased = scores + self.lora_biases
+        _, experts = biased.topk(cfg.active_experts, dim=-1)
+        chosen = (scores if cfg.gate_scores == "unbiased" else biased).gather(-1, experts)
+        gates = chosen * (cfg.active_experts / chosen.sum(-1, keepdim=True).clamp_min(1e-9))  # mean 1
+        load, tokens = self._load(experts)
+        if self.training and torch.is_grad_enabled():
+            self._balance(load)
+        self.expert_load += load
+        self.routed_tokens += tokens
+        if cfg.rank_partition == 1:
+            return experts, gates
+        offsets = torch.arange(cfg.rank_partition, device=x.device)
+        ranks = (experts.unsqueeze(-1) * cfg.rank_partition + offsets).flatten(-2)
+        return ranks, gates.repeat_interleave(cfg.rank_partition, dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.context.disabled:
+            return out
+        tokens = self.lora_dropout(x.reshape(-1, self.in_features))
+        ranks, gates = self.route(tokens)
+        adapter = gather_adapter if self.compute == "gather" else dense_adapter
+        delta = adapter(tokens, self.lora_A.weight, self.lora_B.weight, ranks, gates)
+        return out + (self.config.scaling * delta).reshape(out.shape).to(out.dtype)
+
+    def merge(self) -> None:
+        raise RuntimeError("a SMoRA adapter cannot be merged into the base weight: which ranks act depends on each "
+                           "token (the router), so no single weight update equals it; serve it unmerged")
+
+    def _real_tokens(self, count: int) -> torch.Tensor | None:
+        mask = self.context.token_mask
+        return mask.reshape(-1).bool() if mask is not None and mask.numel() == count else None
+
+    @torch.no_grad()
+    def _load(self, experts: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Tokens routed to each expert, counting real tokens only when the model's attention mask is known."""
+        real = self._real_tokens(experts.shape[0])
+        chosen = experts if real is None else experts[real]
+        load = torch.bincount(chosen.reshape(-1), minlength=self.config.experts)
+        return load.to(self.expert_load.dtype), chosen.shape[0]
+
+    @torch.no_grad()
+    def _balance(self, load: torch.Tensor) -> None:
+        """DeepSeek-V3's rule: raise the bias of under-loaded experts, lower it for over-loaded ones."""
+        if self.config.bias_update_rate > 0:
+            step = self.config.bias_update_rate * torch.sign(load.mean() - load)
+            self.lora_biases += step.to(self.lora_biases.dtype)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"r={c.r}, active_r={c.active_r}, experts={c.experts}, alpha={c.lora_alpha}, "
+                f"gates={c.gate_scores}, compute={self.compute}")
+
+
+def gather_adapter(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, ranks: torch.Tensor,
+                   gates: torch.Tensor) -> torch.Tensor:
+    """B[:, ranks] (gates * A[ranks] x) per token: A x for every rank (one small matmul), then only the active
+    ranks' columns of B, summed with `embedding_bag` (its per-sample weights carry gates * A x)."""
+    h = F.linear(x, a).gather(-1, ranks) * gates
+    return F.embedding_bag(ranks, b.t().contiguous(), per_sample_weights=h.to(b.dtype), mode="sum")
+
+
+def dense_adapter(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, ranks: torch.Tensor,
+                  gates: torch.Tensor) -> torch.Tensor:
+    """The same product over all r ranks, the inactive ones gated to zero: the reference the gather path is tested
+    against, and faster when r is small."""
+    dense_gates = torch.zeros(x.shape[0], a.shape[0], dtype=gates.dtype, device=gates.device)
+    return F.linear(F.linear(x, a) * dense_gates.scatter(-1, ranks, gates), b)

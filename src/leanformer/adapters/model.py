@@ -1,0 +1,154 @@
+"""Put SMoRA adapters into any model (`add_smora`), switch them off for a while, and see how they route."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+
+from .._timing import time_interleaved
+from .config import ALL_LINEAR, SMoRAConfig
+from .layer import RoutingContext, SMoRALinear, dense_adapter, gather_adapter
+
+__all__ = ["add_smora", "choose_compute", "disable_adapters", "routing_report", "smora_layers", "target_names"]
+
+# names of the output layer of common models (or of the module holding it, as timm's ``head.fc``), left out by
+# "all-linear" as PEFT leaves out the output layer
+_OUTPUT_LAYER_NAMES = ("lm_head", "classifier", "score", "head", "fc_out", "output_projection")
+
+
+def smora_layers(model: nn.Module) -> dict[str, SMoRALinear]:
+    """The SMoRA layers of ``model`` by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, SMoRALinear)}
+
+
+def target_names(model: nn.Module, config: SMoRAConfig) -> list[str]:
+    """Names of the nn.Linear modules ``config.target_modules`` selects (before any is wrapped); never one inside
+    ``modules_to_save``, which trains in full."""
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name]
+    saved = [name for name, _ in model.named_modules() if name and _matches(name, config.modules_to_save)]
+    inside_saved = lambda n: any(n == s or n.startswith(s + ".") for s in saved)
+    if config.target_modules == ALL_LINEAR:
+        chosen = [n for n in linears if not set(n.split(".")) & set(_OUTPUT_LAYER_NAMES)]
+    elif isinstance(config.target_modules, str):
+        chosen = [n for n in linears if re.fullmatch(config.target_modules, n)]
+    else:
+        chosen = [n for n in linears if _matches(n, config.target_modules)]
+    return [n for n in chosen if not inside_saved(n)]
+
+
+def add_smora(model: nn.Module, config: SMoRAConfig) -> nn.Module:
+    """Wrap the targeted Linears of ``model`` in `SMoRALinear`, in place; freeze everything else except
+    ``config.modules_to_save``. Returns the model.
+
+    The model's ``attention_mask`` keyword, when given, marks the real tokens, so padding does not count as load.
+    """
+    if smora_layers(model):
+        raise ValueError(f"{type(model).__name__} already has SMoRA adapters; one adapter per model is supported")
+    names = target_names(model, config)
+    if not names:
+        raise ValueError(f"target_modules={config.target_modules!r} matches no nn.Linear of "
+                         f"{type(model).__name__}; its Linears are e.g. {_some_linears(model)}")
+    missing = [n for n in config.modules_to_save if not any(_matches(m, (n,)) for m, _ in model.named_modules())]
+    if missing:
+        raise ValueError(f"modules_to_save {missing}: no such module in {type(model).__name__}")
+    model.requires_grad_(False)
+    context = RoutingContext()
+    paths = {}
+    for name in names:
+        parent, attr = _parent(model, name)
+        base = getattr(parent, attr)
+        if config.compute == "auto":
+            key = (base.in_features, base.out_features, base.weight.dtype, base.weight.device)
+            paths.setdefault(key, choose_compute(base.in_features, base.out_features, config,
+                                                 dtype=base.weight.dtype, device=base.weight.device))
+            compute = paths[key]
+        else:
+            compute = config.compute
+        setattr(parent, attr, SMoRALinear(base, config, context, compute).train(base.training))  # keep eval()
+    for name, module in model.named_modules():
+        if name and _matches(name, config.modules_to_save):
+            module.requires_grad_(True)
+    model.register_forward_pre_hook(_remember_mask(context), with_kwargs=True)
+    model.register_forward_hook(_forget_mask(context))
+    return model
+
+
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model alone inside the block (the adapters add nothing and route nothing)."""
+    layers = list(smora_layers(model).values())
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no SMoRA adapters to disable")
+    context = layers[0].context
+    before, context.disabled = context.disabled, True
+    try:
+        yield model
+    finally:
+        context.disabled = before
+
+
+def routing_report(model: nn.Module, reset: bool = False) -> dict[str, dict]:
+    """Per SMoRA layer, since the last reset: tokens routed, each expert's share of the load, MaxVio
+    ((max load - mean load) / mean load, DeepSeek's balance measure; 0 is perfect) and dead experts (never chosen).
+    """
+    report = {}
+    for name, layer in smora_layers(model).items():
+        load = layer.expert_load
+        mean = load.mean().item()
+        report[name] = {"tokens": layer.routed_tokens, "experts": layer.config.experts,
+                        "load_share": (load / load.sum().clamp_min(1)).tolist(),
+                        "max_violation": (load.max().item() - mean) / mean if mean > 0 else None,
+                        "dead_experts": int((load == 0).sum()) if layer.routed_tokens else None}
+        if reset:
+            layer.expert_load.zero_()
+            layer.routed_tokens = 0
+    return report
+
+
+def choose_compute(in_features: int, out_features: int, config: SMoRAConfig, tokens: int = 1024,
+                   dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", runs: int = 5) -> str:
+    """"gather" or "dense", whichever runs a training step (forward and backward) of one adapter faster here."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    make = lambda *shape: torch.randn(*shape, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
+    x, a, b = make(tokens, in_features), make(config.r, in_features), make(out_features, config.r)
+    ranks = torch.rand(tokens, config.r, generator=gen).topk(config.active_r, dim=-1).indices.to(device)
+    gates = torch.rand(tokens, config.active_r, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
+
+    def step(adapter):
+        return lambda: adapter(x, a, b, ranks, gates).sum().backward()
+
+    timings = time_interleaved({"gather": step(gather_adapter), "dense": step(dense_adapter)}, runs, warmup=1)
+    return min(timings, key=lambda path: timings[path]["median_s"])
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    """``name`` is one of ``patterns`` or ends with one, on a component boundary (PEFT's rule for name lists)."""
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent, _, attr = name.rpartition(".")
+    return (model.get_submodule(parent) if parent else model), attr
+
+
+def _some_linears(model: nn.Module, count: int = 5) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)][:count]
+
+
+def _remember_mask(context: RoutingContext):
+    def hook(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        context.token_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    return hook
+
+
+def _forget_mask(context: RoutingContext):
+    def hook(module, args, output):
+        context.token_mask = None
+
+    return hook
