@@ -79,10 +79,11 @@ class SMoRALinear(nn.Module):
         """The base weight, for code that reads ``linear.weight`` (e.g. to find a dtype or device)."""
         return self.base_layer.weight
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per token of x (tokens, in): the ranks used (tokens, active_r) and their gates (tokens, active_r)."""
+    def route(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per token, from the router's logits (tokens, experts): the ranks used (tokens, active_r) and their
+        gates (tokens, active_r). Counts the load and, in a training forward, moves the balance bias."""
         cfg = self.config
-        scores = torch.sigmoid(self.lora_router(x))
+        scores = torch.sigmoid(router_logits)
         biased = scores + self.lora_biases
         _, experts = biased.topk(cfg.active_experts, dim=-1)
         chosen = (scores if cfg.gate_scores == "unbiased" else biased).gather(-1, experts)
@@ -94,7 +95,7 @@ class SMoRALinear(nn.Module):
         self.routed_tokens += tokens
         if cfg.rank_partition == 1:
             return experts, gates
-        offsets = torch.arange(cfg.rank_partition, device=x.device)
+        offsets = torch.arange(cfg.rank_partition, device=experts.device)
         ranks = (experts.unsqueeze(-1) * cfg.rank_partition + offsets).flatten(-2)
         return ranks, gates.repeat_interleave(cfg.rank_partition, dim=-1)
 
@@ -103,9 +104,12 @@ class SMoRALinear(nn.Module):
         if self.context.disabled:
             return out
         tokens = self.lora_dropout(x.reshape(-1, self.in_features))
-        ranks, gates = self.route(tokens)
+        # A x for every rank and the router's logits in one product: both read the same input
+        both = F.linear(tokens, torch.cat((self.lora_A.weight, self.lora_router.weight)))
+        h, router_logits = both.split((self.config.r, self.config.experts), dim=-1)
+        ranks, gates = self.route(router_logits)
         adapter = gather_adapter if self.compute == "gather" else dense_adapter
-        delta = adapter(tokens, self.lora_A.weight, self.lora_B.weight, ranks, gates)
+        delta = adapter(h, self.lora_B.weight, ranks, gates)
         return out + (self.config.scaling * delta).reshape(out.shape).to(out.dtype)
 
     def merge(self) -> None:
@@ -137,17 +141,15 @@ class SMoRALinear(nn.Module):
                 f"gates={c.gate_scores}, compute={self.compute}")
 
 
-def gather_adapter(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, ranks: torch.Tensor,
-                   gates: torch.Tensor) -> torch.Tensor:
-    """B[:, ranks] (gates * A[ranks] x) per token: A x for every rank (one small matmul), then only the active
-    ranks' columns of B, summed with `embedding_bag` (its per-sample weights carry gates * A x)."""
-    h = F.linear(x, a).gather(-1, ranks) * gates
-    return F.embedding_bag(ranks, b.t().contiguous(), per_sample_weights=h.to(b.dtype), mode="sum")
+def gather_adapter(h: torch.Tensor, b: torch.Tensor, ranks: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """B[:, ranks] (gates * h[ranks]) per token, h = A x for every rank: only the active ranks' columns of B,
+    summed with `embedding_bag` (its per-sample weights carry gates * h)."""
+    weights = h.gather(-1, ranks) * gates
+    return F.embedding_bag(ranks, b.t().contiguous(), per_sample_weights=weights.to(b.dtype), mode="sum")
 
 
-def dense_adapter(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, ranks: torch.Tensor,
-                  gates: torch.Tensor) -> torch.Tensor:
+def dense_adapter(h: torch.Tensor, b: torch.Tensor, ranks: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
     """The same product over all r ranks, the inactive ones gated to zero: the reference the gather path is tested
     against, and faster when r is small."""
-    dense_gates = torch.zeros(x.shape[0], a.shape[0], dtype=gates.dtype, device=gates.device)
-    return F.linear(F.linear(x, a) * dense_gates.scatter(-1, ranks, gates), b)
+    dense_gates = torch.zeros_like(h).scatter(-1, ranks, gates.to(h.dtype))
+    return F.linear(h * dense_gates, b)

@@ -62,9 +62,9 @@ def add_smora(model: nn.Module, config: SMoRAConfig) -> nn.Module:
         parent, attr = _parent(model, name)
         base = getattr(parent, attr)
         if config.compute == "auto":
-            key = (base.in_features, base.out_features, base.weight.dtype, base.weight.device)
-            paths.setdefault(key, choose_compute(base.in_features, base.out_features, config,
-                                                 dtype=base.weight.dtype, device=base.weight.device))
+            key = (base.out_features, base.weight.dtype, base.weight.device)
+            paths.setdefault(key, choose_compute(base.out_features, config, dtype=base.weight.dtype,
+                                                 device=base.weight.device))
             compute = paths[key]
         else:
             compute = config.compute
@@ -109,17 +109,18 @@ def routing_report(model: nn.Module, reset: bool = False) -> dict[str, dict]:
     return report
 
 
-def choose_compute(in_features: int, out_features: int, config: SMoRAConfig, tokens: int = 1024,
-                   dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", runs: int = 5) -> str:
-    """"gather" or "dense", whichever runs a training step (forward and backward) of one adapter faster here."""
+def choose_compute(out_features: int, config: SMoRAConfig, tokens: int = 1024, dtype: torch.dtype = torch.float32,
+                   device: torch.device | str = "cpu", runs: int = 5) -> str:
+    """"gather" or "dense", whichever runs the B side of one adapter (forward and backward) faster here; the rest
+    (A x and the router) is the same on both paths."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     make = lambda *shape: torch.randn(*shape, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
-    x, a, b = make(tokens, in_features), make(config.r, in_features), make(out_features, config.r)
+    h, b = make(tokens, config.r), make(out_features, config.r)
     ranks = torch.rand(tokens, config.r, generator=gen).topk(config.active_r, dim=-1).indices.to(device)
     gates = torch.rand(tokens, config.active_r, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
 
     def step(adapter):
-        return lambda: adapter(x, a, b, ranks, gates).sum().backward()
+        return lambda: adapter(h, b, ranks, gates).sum().backward()
 
     timings = time_interleaved({"gather": step(gather_adapter), "dense": step(dense_adapter)}, runs, warmup=1)
     return min(timings, key=lambda path: timings[path]["median_s"])
