@@ -35,6 +35,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/lazy_neuron.py
 	$(PY) benchmarks/minilm_relufy.py
 	$(PY) benchmarks/sparse_inference.py
+	$(PY) benchmarks/smora.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -42,3 +42,57 @@ def assert_rejects_bad_images(model: torch.nn.Module, size: int) -> None:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# -- a tiny BERT and two learnable text-classification tasks (multi-task fine-tuning tests) -------------------
+
+FILLER = ("the", "a", "movie", "day", "was", "very", "it", "and", "quite", "this", "some", "news", "of", "on")
+SENTIMENT = {"pos": "good", "neg": "bad"}
+TOPIC = {"sports": "ball", "politics": "vote", "business": "stock"}
+
+
+def keyword_examples(keywords: dict[str, str], count: int, seed: int) -> list[tuple[str, str]]:
+    """(text, label) pairs: a few filler words with the label's keyword somewhere among them."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = list(keywords)
+    examples = []
+    for i in range(count):
+        label = labels[i % len(labels)]
+        words = [FILLER[int(j)] for j in torch.randint(len(FILLER), (int(torch.randint(3, 7, (1,), generator=gen)),),
+                                                          generator=gen)]
+        words.insert(int(torch.randint(len(words) + 1, (1,), generator=gen)), keywords[label])
+        examples.append((" ".join(words), label))
+    return examples
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A 2-layer BERT (hidden 32, FFN 64, random weights) with a word-level BertTokenizer, in save_pretrained
+    layout; nothing is downloaded."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    words = sorted({*FILLER, *SENTIMENT.values(), *TOPIC.values()})
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    transformers.BertTokenizer(str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=5 + len(words), hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    transformers.BertModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def keyword_task_files(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """Two tasks, name -> (train, test): sentiment (TSV with a header, 40/20 lines) and topic (TSV without a
+    header, 42/21 lines); each label is given away by one keyword, so a few dozen steps learn them."""
+    folder = tmp_path_factory.mktemp("tasks")
+    layouts = (("sentiment", SENTIMENT, "sentence\tlabel\n", 40), ("topic", TOPIC, "", 42))
+    files = {}
+    for name, keywords, header, count in layouts:
+        paths = []
+        for split, size, seed in (("train", count, 1), ("test", count // 2, 2)):
+            rows = keyword_examples(keywords, size, seed + len(name))
+            paths.append(folder / f"{name}_{split}.tsv")
+            paths[-1].write_text(header + "".join(f"{text}\t{label}\n" for text, label in rows))
+        files[name] = tuple(paths)
+    return files

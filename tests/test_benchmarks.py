@@ -93,3 +93,17 @@ def test_sparse_inference_benchmark_quick(tmp_path):
     assert {"exact", "exact-torch", "predictor"} <= set(result["operators"][0])
     assert result["end_to_end"]["decode"]["exact"]["identical_tokens"]
     assert (tmp_path / "sparse_inference.png").is_file()
+
+
+@pytest.mark.slow
+def test_smora_benchmark_quick(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from benchmarks import smora
+
+    result = smora.main(["--quick", "--arms", "lora_r64,smora_r64_k8", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "smora.json").read_text())
+    assert set(saved["runs"]) == {"lora_r64/seed0", "smora_r64_k8/seed0"}
+    assert set(result["summary"]["smora_r64_k8"]["accuracy"]) == {"sst2", "agnews", "trec", "cola"}
+    assert result["step_time"]["lora_r64"]["vs_lora_r64"] == 1.0
+    assert (tmp_path / "smora.png").stat().st_size > 0

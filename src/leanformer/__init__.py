@@ -11,7 +11,7 @@ from .adapters import (
     routing_report,
     save_adapter,
 )
-from .data import DataSplit, load_data
+from .data import DataSplit, TaskData, load_data, load_task
 from .memory import (
     CompressionConfig,
     SavedActivationReport,
@@ -37,7 +37,16 @@ from .sparsity import (
     relufy,
     sparsify_for_inference,
 )
-from .train import TrainConfig, Trainer, TrainResult
+from .train import (
+    FinetuneConfig,
+    FinetuneResult,
+    MultiTaskClassifier,
+    TrainConfig,
+    Trainer,
+    TrainResult,
+    finetune,
+    load_finetuned,
+)
 
 __version__ = "0.1.0"
 __all__ = [
@@ -45,12 +54,16 @@ __all__ = [
     "DataSplit",
     "FATReLU",
     "FFNSpec",
+    "FinetuneConfig",
+    "FinetuneResult",
+    "MultiTaskClassifier",
     "ProSparseConfig",
     "ProSparseSchedule",
     "SMoRAConfig",
     "SavedActivationReport",
     "SparsityRegularizer",
     "SparsityReport",
+    "TaskData",
     "TopK",
     "TrainConfig",
     "TrainResult",
@@ -64,11 +77,14 @@ __all__ = [
     "decompress_activations",
     "disable_adapters",
     "find_ffns",
+    "finetune",
     "inference_report",
     "list_models",
     "load_adapter",
     "load_checkpoint",
     "load_data",
+    "load_finetuned",
+    "load_task",
     "measure_sparsity",
     "prosparse",
     "relufy",

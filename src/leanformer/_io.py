@@ -30,6 +30,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         raise
 
 
+def write_files_atomic(folder: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call `write(temp_folder)` (e.g. a library's ``save_pretrained``) and move each file it made into `folder`
+    atomically: every file is seen old or new, never half-written (the set of files is not one transaction)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".save-") as tmp:
+        write(tmp)
+        for path in Path(tmp).iterdir():
+            os.chmod(path, 0o644)  # as atomic_write: meant to be shared (libraries may create them 0600)
+            os.replace(path, folder / path.name)
+
+
 def write_json_atomic(path: str | os.PathLike, payload) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:

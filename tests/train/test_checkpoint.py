@@ -88,3 +88,20 @@ def test_written_files_are_readable_by_others(tmp_path):
     folder = save(tmp_path, *small_run())
     for path in folder.iterdir():
         assert path.stat().st_mode & 0o044 == 0o044, path
+
+
+def test_trainable_only_leaves_the_frozen_base_out_and_refuses_other_gaps():
+    model, optimizer = small_run()
+    model[0].requires_grad_(False)  # a frozen base, as under an adapter
+    tensors, groups = training_state_tensors(model, optimizer, trainable_only=True)
+    assert not any(k.startswith("model.0.") for k in tensors) and "model.2.weight" in tensors
+    fresh = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+    fresh[0].load_state_dict(model[0].state_dict())  # the caller rebuilds the base from its own files
+    fresh[0].requires_grad_(False)
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    restore_training_state(fresh, fresh_opt, tensors, groups)
+    for a, b in zip(model.parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(a, b)
+    del tensors["model.2.weight"]
+    with pytest.raises(ValueError, match=r"missing \['2.weight'\]"):
+        restore_training_state(fresh, fresh_opt, tensors, groups)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, forward, generate, models, predictors, profile, sparsify, train
+from . import bench, finetune, forward, generate, models, predictors, profile, sparsify, train
 
 
 class UsageError(Exception):
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (train, models, profile, forward, sparsify, predictors, generate, bench):
+    for module in (train, models, profile, forward, sparsify, finetune, predictors, generate, bench):
         module.add_parser(sub)
     return parser
 

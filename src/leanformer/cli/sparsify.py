@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -16,7 +14,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
-from .._io import atomic_write, write_json_atomic
+from .._io import atomic_write, write_files_atomic, write_json_atomic
 from ..data import lm_batches, lm_eval_batches, load_data, load_text, load_tokenizer
 from ..models import create_model, is_model
 from ..sparsity.prosparse import ProSparseConfig, ProSparseResult, prosparse
@@ -157,14 +155,13 @@ def _endless(dataset: Dataset, batch_size: int, seed: int) -> Iterator:
 
 def _save_hf(model: nn.Module, tokenizer, out: Path) -> None:
     """save_pretrained into a temporary folder inside ``out``, then move each file into place atomically."""
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out, prefix=".save-") as tmp:
+
+    def write(tmp: str) -> None:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for path in Path(tmp).iterdir():
-            os.chmod(path, 0o644)  # as _io.atomic_write: meant to be shared (transformers may create them 0600)
-            os.replace(path, out / path.name)
+
+    write_files_atomic(out, write)
 
 
 def run(args: argparse.Namespace) -> int:

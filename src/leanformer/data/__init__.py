@@ -3,7 +3,8 @@
 The spec names the source, so the CLI's `--data` needs no per-source flags: "digits" (the embedded
 default, no download), an MNIST idx folder or images file, or a class-per-subfolder image folder.
 Bad input is rejected here with a `ValueError` naming the file and what was expected, which the CLI
-prints as one line. Language-modelling text files have their own entry point, `load_text` (see `text`).
+prints as one line. Language-modelling text files have their own entry point, `load_text` (see `text`),
+and so do text-classification task files, `load_task` (see `tasks`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from . import digits, folder, mnist
 from .digits import load_digits_split
 from .split import DataSplit, check_fraction
+from .tasks import TaskData, encode_labels, label_vocab, load_task, split_task
 from .text import TextSplit, decode_tokens, encode_text, lm_batches, lm_eval_batches, load_text, load_tokenizer
 
 DIGITS_IMG_SIZE = 32
@@ -51,5 +53,6 @@ def load_data(spec: str, img_size: int | None = None, val_fraction: float = 0.2,
     raise ValueError(f"{path}: not a dataset; expected an MNIST '<prefix>-images-idx3-ubyte[.gz]' file or a folder")
 
 
-__all__ = ["DataSplit", "TextSplit", "decode_tokens", "encode_text", "lm_batches", "lm_eval_batches", "load_data",
-           "load_digits_split", "load_text", "load_tokenizer"]
+__all__ = ["DataSplit", "TaskData", "TextSplit", "decode_tokens", "encode_labels", "encode_text", "label_vocab",
+           "lm_batches", "lm_eval_batches", "load_data", "load_digits_split", "load_task", "load_text",
+           "load_tokenizer", "split_task"]

@@ -21,9 +21,16 @@ FORMAT = "leanformer.train-checkpoint"
 VERSION = 1
 
 
-def training_state_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, list]:
-    """(tensors to store, JSON-able optimizer param groups) for a model + optimizer + RNG."""
-    tensors = {f"model.{k}": v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+def training_state_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                           trainable_only: bool = False) -> tuple[dict, list]:
+    """(tensors to store, JSON-able optimizer param groups) for a model + optimizer + RNG.
+
+    trainable_only: leave out the frozen parameters (requires_grad False), e.g. the base model under an adapter,
+    which the run rebuilds from its own files; buffers are kept (an adapter's may change while training).
+    """
+    frozen = frozen_parameter_names(model) if trainable_only else set()
+    tensors = {f"model.{k}": v.detach().contiguous().clone() for k, v in model.state_dict().items()
+               if k not in frozen}
     opt = optimizer.state_dict()
     for index, state in opt["state"].items():
         for key, value in state.items():
@@ -34,8 +41,19 @@ def training_state_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimi
 
 def restore_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tensors: dict,
                            param_groups: list) -> None:
-    """Inverse of `training_state_tensors`: load weights, optimizer moments and the RNG state."""
-    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    """Inverse of `training_state_tensors`: load weights, optimizer moments and the RNG state.
+
+    Only frozen parameters may be absent (saved with ``trainable_only``); anything else missing or unexpected
+    raises ValueError before the optimizer or the RNG are touched.
+    """
+    weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    keys = set(model.state_dict())
+    missing = keys - set(weights) - frozen_parameter_names(model)
+    unexpected = set(weights) - keys
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not fit the model: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    model.load_state_dict(weights, strict=False)
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
@@ -43,6 +61,12 @@ def restore_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimi
             state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
     torch.set_rng_state(tensors["rng.torch"])
+
+
+def frozen_parameter_names(model: torch.nn.Module) -> set[str]:
+    """State-dict keys of the parameters that do not train (every key, so tied weights are all listed)."""
+    return {k for k, v in model.state_dict(keep_vars=True).items()
+            if isinstance(v, torch.nn.Parameter) and not v.requires_grad}
 
 
 def save_checkpoint(folder: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
