@@ -295,3 +295,20 @@ def test_auto_compute_picks_a_measured_path():
     assert choose_compute(16, SMoRAConfig(r=8, active_r=2), tokens=64, runs=1) in ("gather", "dense")
     model = add_smora(TwoLayers(), SMoRAConfig(r=8, active_r=2, compute="auto"))
     assert {layer.compute for layer in smora_layers(model).values()} <= {"gather", "dense"}
+
+
+def test_llama_all_linear_leaves_the_lm_head_and_trains():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=50)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    ids = torch.randint(0, 50, (2, 6))
+    add_smora(model, SMoRAConfig(r=8, active_r=2))
+    names = set(smora_layers(model))
+    assert "lm_head" not in names and len(names) == 2 * 7  # q, k, v, o, gate, up, down per layer
+    _randomize_b(model)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert all(layer.lora_router.weight.grad is not None for layer in smora_layers(model).values())
+    assert model.lm_head.weight.grad is None and model.model.embed_tokens.weight.grad is None
