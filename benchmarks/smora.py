@@ -219,7 +219,9 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         parser.error(f"unknown arms {sorted(unknown)}: expected some of {', '.join(ARMS)}")
     with tempfile.TemporaryDirectory() as tmp:
+        base_name = "all-MiniLM-L6-v2" if args.base == "minilm" else Path(args.base).name
         if args.quick:
+            base_name = "tiny BERT"
             args.base, args.steps, args.seeds, args.max_test, args.timing_runs = _quick_base(Path(tmp)), 6, [0], 40, 2
             args.out = args.out or Path(tmp)
         elif args.base == "minilm":
@@ -234,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
         results = json.loads(path.read_text()) if args.resume and path.is_file() else {}
         if results.get("settings") != settings:
             results = {"settings": settings, "runs": {}}
-        results.update(machine=machine_info(), base_name="tiny BERT" if args.quick else Path(args.base).name)
+        results.update(machine=machine_info(), base_name=base_name)
         started = time.perf_counter()
         run_accuracy(args, tasks, results)
         results["step_time"] = time_steps(args, tasks)
