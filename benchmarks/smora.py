@@ -16,7 +16,6 @@ Writes benchmarks/results/smora.json + .png; every finished run is saved at once
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import tempfile
@@ -24,11 +23,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from leanformer._io import write_json_atomic
 from leanformer.data.tasks import TaskData, load_task
-from leanformer.train.multitask import FinetuneConfig, MultiTaskClassifier, add_adapters, finetune
+from leanformer.train.multitask import FinetuneConfig, MultiTaskClassifier, add_adapters, finetune, train_step
 from leanformer.train.optim import build_optimizer
 
 try:
@@ -58,13 +56,9 @@ def load_tasks(data: Path, max_test: int, seed: int = 0) -> dict[str, tuple[Task
     tasks = {}
     for name, (train, test, columns) in TASKS.items():
         train_data, test_data = load_task(data / train, **columns), load_task(data / test, **columns)
-        if len(test_data.labels) > max_test:
-            keep = sorted(torch.randperm(len(test_data.labels), generator=torch.Generator().manual_seed(seed))
-                          [:max_test].tolist())
-            test_data = dataclasses.replace(test_data, **{f: [getattr(test_data, f)[i] for i in keep]
-                                                          for f in ("texts", "labels", "lines")},
-                                            pairs=None if test_data.pairs is None else
-                                            [test_data.pairs[i] for i in keep])
+        if len(test_data) > max_test:
+            keep = torch.randperm(len(test_data), generator=torch.Generator().manual_seed(seed))[:max_test]
+            test_data = test_data.subset(sorted(keep.tolist()))
         tasks[name] = (train_data, test_data)
     return tasks
 
@@ -94,7 +88,8 @@ def run_accuracy(args: argparse.Namespace, tasks, results: dict) -> None:
 
 
 def time_steps(args: argparse.Namespace, tasks) -> dict:
-    """Seconds per training step (forward, backward, AdamW) of every arm, interleaved, on one SST-2 batch."""
+    """Seconds per training step (forward, backward, clipping, AdamW: `train_step`, as `finetune` runs it) of every
+    arm, interleaved, on one SST-2 batch."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(args.base))
@@ -109,14 +104,9 @@ def time_steps(args: argparse.Namespace, tasks) -> dict:
         torch.manual_seed(0)
         model, _ = add_adapters(MultiTaskClassifier.from_pretrained(args.base, {"sst2": 2}), config)
         optimizer = build_optimizer(model, config.lr, config.weight_decay)
-
-        def step(model=model, optimizer=optimizer):
-            loss = F.cross_entropy(model(**inputs, task="sst2"), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-        steps[arm] = step
+        params = [p for p in model.parameters() if p.requires_grad]
+        steps[arm] = lambda m=model, o=optimizer, p=params, c=config: train_step(m, o, p, inputs, labels, "sst2",
+                                                                                  c.lr, c.clip_grad)
     timings = time_interleaved(steps, args.timing_runs, warmup=3)
     anchor = timings[ANCHOR]["median_s"] if ANCHOR in timings else None
     return {arm: {**t, "vs_lora_r64": None if anchor is None else t["median_s"] / anchor} for arm, t in timings.items()}

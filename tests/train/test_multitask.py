@@ -152,7 +152,7 @@ def test_resume_ends_as_the_uninterrupted_run(tiny_bert_dir, tasks, tmp_path, mo
     picked = {"path": "dense"}
     monkeypatch.setattr(adapters_model, "choose_compute", lambda *args, **kwargs: picked["path"])
     whole = run(tiny_bert_dir, tasks, adapter, tmp_path / "whole", compute=compute)
-    step = multitask._train_step
+    step = multitask.train_step
     calls = {"n": 0}
 
     def interrupted(*args, **kwargs):
@@ -161,10 +161,10 @@ def test_resume_ends_as_the_uninterrupted_run(tiny_bert_dir, tasks, tmp_path, mo
             raise RuntimeError("interrupted")
         return step(*args, **kwargs)
 
-    monkeypatch.setattr(multitask, "_train_step", interrupted)
+    monkeypatch.setattr(multitask, "train_step", interrupted)
     with pytest.raises(RuntimeError, match="interrupted"):
         run(tiny_bert_dir, tasks, adapter, tmp_path / "cut", compute=compute)
-    monkeypatch.setattr(multitask, "_train_step", step)
+    monkeypatch.setattr(multitask, "train_step", step)
     with pytest.raises(ValueError, match="already holds a checkpoint"):
         run(tiny_bert_dir, tasks, adapter, tmp_path / "cut", compute=compute)
     with pytest.raises(ValueError, match=r"configuration differs.*seed"):

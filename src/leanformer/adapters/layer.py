@@ -26,8 +26,9 @@ __all__ = ["RoutingContext", "SMoRALinear", "dense_adapter", "gather_adapter"]
 
 
 class RoutingContext:
-    """Shared by the SMoRA layers of one model: the real-token mask of the current forward, if the model was
-    called with an ``attention_mask`` (padding must not count as load), and whether adapters are switched off."""
+    """Shared by the SMoRA layers of one model: the real-token mask of the current forward, flattened to (tokens,)
+    booleans, if the model was called with an ``attention_mask`` (padding must not count as load), and whether
+    adapters are switched off."""
 
     def __init__(self) -> None:
         self.token_mask: torch.Tensor | None = None
@@ -118,7 +119,7 @@ class SMoRALinear(nn.Module):
 
     def _real_tokens(self, count: int) -> torch.Tensor | None:
         mask = self.context.token_mask
-        return mask.reshape(-1).bool() if mask is not None and mask.numel() == count else None
+        return mask if mask is not None and mask.numel() == count else None
 
     @torch.no_grad()
     def _load(self, experts: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -143,7 +143,8 @@ def _some_linears(model: nn.Module, count: int = 5) -> list[str]:
 def _remember_mask(context: RoutingContext):
     def hook(module, args, kwargs):
         mask = kwargs.get("attention_mask")
-        context.token_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        # flattened once per forward, not once per adapted Linear
+        context.token_mask = mask.reshape(-1).bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
     return hook
 

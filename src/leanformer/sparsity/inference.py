@@ -95,8 +95,9 @@ class SparseGatedFFN(nn.Module, _CountsPaths):
                 a = act(a)
         else:
             index = self.predictor.predict(tokens).any(0).nonzero().squeeze(1)
-            out, count, path = None, index.numel(), backend(tokens, gate.weight, up.weight, down.weight)
+            out, count = None, index.numel()
             if count <= limit:
+                path = backend(tokens, gate.weight, up.weight, down.weight)
                 h = act(_gathered(tokens, gate, index)) * _gathered(tokens, up, index)
                 out = scatter_matmul(h, down.weight.t(), index)
         if out is None:

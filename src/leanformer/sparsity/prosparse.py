@@ -39,7 +39,7 @@ from ..train.checkpoint import (
     training_state_tensors,
 )
 from ..train.config import config_from_dict
-from ..train.optim import build_optimizer, lr_at, set_lr
+from ..train.optim import build_optimizer, check_optimizer_settings, lr_at, set_lr
 from .activations import relufy
 from .ffn import FFNSpec
 from .measure import SparsityReport, measure_sparsity
@@ -135,16 +135,9 @@ class ProSparseConfig:
         if self.relu_steps is not None and (not is_int(self.relu_steps) or not 0 <= self.relu_steps < self.steps):
             raise ValueError(f"relu_steps={self.relu_steps!r}: expected an integer in [0, steps={self.steps}) or None "
                              "(the paper's share of steps)")
-        for name in ("threshold", "lr", "min_lr", "weight_decay"):
-            value = getattr(self, name)
-            if not is_real(value) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name}={value!r}: expected a finite number >= 0")
-        if self.lr == 0:
-            raise ValueError("lr=0: expected a positive learning rate")
-        if self.min_lr > self.lr:
-            raise ValueError(f"min_lr={self.min_lr}: expected at most lr={self.lr}")
-        if self.clip_grad is not None and (not is_real(self.clip_grad) or not self.clip_grad > 0):
-            raise ValueError(f"clip_grad={self.clip_grad!r}: expected a positive number or None (no clipping)")
+        if not is_real(self.threshold) or not math.isfinite(self.threshold) or self.threshold < 0:
+            raise ValueError(f"threshold={self.threshold!r}: expected a finite number >= 0")
+        check_optimizer_settings(self.lr, self.min_lr, self.weight_decay, self.clip_grad)
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization={self.normalization!r}: expected one of {', '.join(NORMALIZATIONS)}")
         if self.stages is not None:

@@ -24,7 +24,6 @@ import dataclasses
 import hashlib
 import inspect
 import json
-import math
 import re
 import statistics
 import sys
@@ -38,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .._checks import is_int, is_real
+from .._checks import is_int
 from .._io import write_files_atomic, write_json_atomic
 from ..adapters import SMoRAConfig, add_smora, load_adapter, routing_report, save_adapter, smora_layers
 from ..adapters.model import target_names
@@ -52,11 +51,11 @@ from .checkpoint import (
     training_state_tensors,
 )
 from .config import config_from_dict
-from .optim import build_optimizer, lr_at, set_lr
+from .optim import build_optimizer, check_optimizer_settings, lr_at, set_lr
 
 __all__ = ["ADAPTERS", "TASK_SAMPLING", "FinetuneConfig", "FinetuneResult", "MultiTaskClassifier",
            "activated_adapter_params", "add_adapters", "check_task_name", "finetune", "load_finetuned", "mean_pool",
-           "task_batches"]
+           "task_batches", "train_step"]
 
 ADAPTERS = ("smora", "lora")
 TASK_SAMPLING = ("proportional", "uniform")
@@ -122,16 +121,7 @@ class FinetuneConfig:
                              f"None (a tenth of steps)")
         if not is_int(self.seed):
             raise ValueError(f"seed={self.seed!r}: expected an integer")
-        for name in ("lr", "min_lr", "weight_decay"):
-            value = getattr(self, name)
-            if not is_real(value) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name}={value!r}: expected a finite number >= 0")
-        if self.lr == 0:
-            raise ValueError("lr=0: expected a positive learning rate")
-        if self.min_lr > self.lr:
-            raise ValueError(f"min_lr={self.min_lr}: expected at most lr={self.lr}")
-        if self.clip_grad is not None and (not is_real(self.clip_grad) or not self.clip_grad > 0):
-            raise ValueError(f"clip_grad={self.clip_grad!r}: expected a positive number or None (no clipping)")
+        check_optimizer_settings(self.lr, self.min_lr, self.weight_decay, self.clip_grad)
         # the adapter fields are SMoRAConfig's: it validates them, and its normalised target_modules is kept
         object.__setattr__(self, "target_modules", self.smora_config().target_modules)
 
@@ -375,10 +365,10 @@ def _accuracy(model: nn.Module, tests: Mapping[str, _Encoded], batch_size: int, 
     return accuracy
 
 
-def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
                 inputs: dict[str, torch.Tensor], labels: torch.Tensor, task: str, lr: float,
                 clip_grad: float | None) -> float:
-    """One AdamW step on one task's batch; returns the loss."""
+    """One AdamW step on one task's batch (lr set, gradients of ``params`` clipped); returns the loss."""
     set_lr(optimizer, lr)
     loss = F.cross_entropy(model(**inputs, task=task), labels)
     optimizer.zero_grad(set_to_none=True)
@@ -486,7 +476,7 @@ def finetune(base_dir: str | Path, tasks: Tasks, config: FinetuneConfig, out_dir
             inputs, targets = train_sets[task].batch(index, device)
             lr = lr_at(step, config.steps, config.warmup, config.lr, config.min_lr)
             started = time.perf_counter()
-            loss = _train_step(model, optimizer, params, inputs, targets, task, lr, config.clip_grad)
+            loss = train_step(model, optimizer, params, inputs, targets, task, lr, config.clip_grad)
             durations.append(time.perf_counter() - started)
             step += 1
             loss_sum, loss_steps = loss_sum + loss, loss_steps + 1

@@ -7,6 +7,8 @@ import math
 import torch
 import torch.nn as nn
 
+from .._checks import is_real
+
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two groups: decayed weights, and norms/biases/position tables trained without decay.
@@ -24,6 +26,20 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         else:
             decay.append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def check_optimizer_settings(lr: float, min_lr: float, weight_decay: float, clip_grad: float | None) -> None:
+    """ValueError naming the field unless lr > 0, 0 <= min_lr <= lr, weight_decay >= 0 (all finite) and clip_grad is
+    positive or None: the AdamW + cosine settings the run configs share."""
+    for name, value in (("lr", lr), ("min_lr", min_lr), ("weight_decay", weight_decay)):
+        if not is_real(value) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name}={value!r}: expected a finite number >= 0")
+    if lr == 0:
+        raise ValueError("lr=0: expected a positive learning rate")
+    if min_lr > lr:
+        raise ValueError(f"min_lr={min_lr}: expected at most lr={lr}")
+    if clip_grad is not None and (not is_real(clip_grad) or not clip_grad > 0):
+        raise ValueError(f"clip_grad={clip_grad!r}: expected a positive number or None (no clipping)")
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
