@@ -7,6 +7,18 @@ so an unreadable image is reported up front, naming the file, instead of crashin
 Images are delivered at DEFAULT_IMG_SIZE unless img_size is given: folders mix sizes, so there is
 no native size to keep. Normalisation statistics come from a seeded sample of at most STATS_SAMPLE
 train images, which estimates the mean/std well without decoding the whole folder at load time.
+
+Every image is read to [0, 1] by its true range, whatever Pillow mode it opens in:
+
+- 8-bit modes (1, L, P, RGB, CMYK) are divided by 255: bilevel "1" is 0 or 1, a palette image takes its
+  palette's colours, CMYK goes through Pillow's CMYK -> RGB conversion;
+- transparency (LA, RGBA, a palette or colour key with transparent entries) is composited onto black, so the
+  colour stored under a transparent pixel, which nothing shows, never reaches the model;
+- "I;16" (16-bit greyscale PNG/TIFF, any byte order) is divided by 65535, not clipped to 255 (white);
+- "I" (32-bit integers) is read as 16-bit: its values must lie in 0..65535, else the file is refused;
+- "F" (32-bit float) is taken as already in [0, 1]: a value outside it (or not finite) refuses the file.
+
+Any other mode (LAB, YCbCr, ...) is refused at load time with the file's name and mode.
 """
 
 from __future__ import annotations
@@ -23,7 +35,11 @@ from .split import DataSplit, Normalise, channel_stats, stratified_split
 DEFAULT_IMG_SIZE = 64
 STATS_SAMPLE = 1000
 EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
-_GREY_MODES = frozenset({"1", "L", "LA"})
+_EIGHT_BIT_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "CMYK")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")  # one range, four byte orders
+_WIDE_MODES = frozenset(_SIXTEEN_BIT_MODES + ("I", "F"))  # single-channel, more than 8 bits: read as floats
+_SUPPORTED_MODES = _EIGHT_BIT_MODES + _SIXTEEN_BIT_MODES + ("I", "F")
+_GREY_MODES = frozenset({"1", "L", "LA"}) | _WIDE_MODES
 
 
 class ImageFiles(Dataset):
@@ -95,28 +111,80 @@ def _scan(root: Path, class_names: list[str]) -> tuple[list[Path], torch.Tensor]
 
 
 def _check_images(files: list[Path]) -> str:
-    """Verify every file opens as an image; "L" if all are single-channel, else "RGB"."""
+    """Verify every file opens as an image of a supported mode; "L" if all are single-channel, else "RGB".
+
+    "I" and "F" files are decoded here too: whether their values have a known range needs the pixels, and a
+    refusal belongs at load time, not an epoch in.
+    """
     grey = True
     for path in files:
-        try:
-            with Image.open(path) as image:
-                grey = grey and image.mode in _GREY_MODES
-                image.verify()
-        except Exception as err:  # Pillow raises many types for bad files; report them all the same way
-            raise _unreadable(path, err) from err
+        mode = _verified_mode(path)
+        if mode not in _SUPPORTED_MODES:
+            raise ValueError(f"{path}: mode {mode} is not supported; expected one of {', '.join(_SUPPORTED_MODES)}")
+        if mode in ("I", "F"):
+            _wide_pixels(path, _read(path))
+        grey = grey and mode in _GREY_MODES
     return "L" if grey else "RGB"
 
 
-def _decode(path: Path, mode: str, size: int) -> torch.Tensor:
-    """A float32 (C, size, size) image in [0, 1]; Pillow resizes (antialiased) before the tensor exists."""
+def _verified_mode(path: Path) -> str:
+    """The Pillow mode of `path`, after `verify()` checked its headers and checksums."""
     try:
         with Image.open(path) as image:
-            resized = image.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
+            image.verify()
+            return image.mode
+    except Exception as err:  # Pillow raises many types for bad files; report them all the same way
+        raise _unreadable(path, err) from err
+
+
+def _read(path: Path) -> Image.Image:
+    """The decoded image of `path`, in memory with the file closed; a file that fails to decode is named."""
+    try:
+        with Image.open(path) as image:
+            return image.copy()  # decodes; keeps mode, palette and transparency info
     except Exception as err:  # verify() passed but decoding failed, e.g. a truncated JPEG
         raise _unreadable(path, err) from err
+
+
+def _decode(path: Path, mode: str, size: int) -> torch.Tensor:
+    """A float32 (C, size, size) image in [0, 1] (C = 1 for mode "L", 3 for "RGB"); see the module docstring for
+    how each Pillow mode gets there. Pillow resizes (antialiased) before the tensor exists."""
+    image = _read(path)
+    if image.mode in _WIDE_MODES:
+        unit = Image.fromarray(_wide_pixels(path, image), mode="F")
+        pixels = torch.from_numpy(np.array(unit.resize((size, size), Image.Resampling.BILINEAR)))[None]
+        return pixels.expand(3, -1, -1).clone() if mode == "RGB" else pixels
+    resized = _on_black(image).convert(mode).resize((size, size), Image.Resampling.BILINEAR)
     pixels = torch.from_numpy(np.array(resized, dtype=np.uint8))
     pixels = pixels.unsqueeze(0) if pixels.dim() == 2 else pixels.permute(2, 0, 1)
     return pixels.float().div_(255.0)
+
+
+def _on_black(image: Image.Image) -> Image.Image:
+    """`image` composited onto black if it has transparency, else itself: what a transparent pixel stores is
+    arbitrary (often white or a stale colour), black is what it shows over nothing."""
+    if not image.has_transparency_data:
+        return image
+    rgba = image.convert("RGBA")
+    return Image.composite(rgba.convert("RGB"), Image.new("RGB", image.size), rgba.getchannel("A"))
+
+
+def _wide_pixels(path: Path, image: Image.Image) -> np.ndarray:
+    """The float32 (H, W) pixels in [0, 1] of an I;16*, I or F image; ValueError naming the file if an I or F
+    image holds values outside the range its mode is read with (0..65535, 0..1)."""
+    pixels = np.asarray(image)
+    if image.mode == "F":
+        low, high = float(pixels.min()), float(pixels.max())
+        if not (np.isfinite(pixels).all() and low >= 0.0 and high <= 1.0):
+            raise ValueError(f"{path}: mode F holds values in [{low:g}, {high:g}]; expected 0..1 (float images are "
+                             "read as already scaled to [0, 1])")
+        return pixels.astype(np.float32)
+    if image.mode == "I":
+        low, high = int(pixels.min()), int(pixels.max())
+        if low < 0 or high > 65535:
+            raise ValueError(f"{path}: mode I holds values in [{low}, {high}]; expected 0..65535 (32-bit integer "
+                             "images are read as 16-bit)")
+    return (pixels.astype(np.float32) / 65535.0).astype(np.float32)
 
 
 def _unreadable(path: Path, err: Exception) -> ValueError:
