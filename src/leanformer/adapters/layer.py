@@ -22,17 +22,70 @@ import torch.nn.functional as F
 
 from .config import SMoRAConfig
 
-__all__ = ["RoutingContext", "SMoRALinear", "dense_adapter", "gather_adapter"]
+__all__ = ["ForwardEnd", "ForwardStart", "RoutingContext", "SMoRALinear", "attach_root", "dense_adapter",
+           "gather_adapter", "in_backward"]
 
 
 class RoutingContext:
-    """Shared by the SMoRA layers of one model: the real-token mask of the current forward, flattened to (tokens,)
-    booleans, if the model was called with an ``attention_mask`` (padding must not count as load), and whether
-    adapters are switched off."""
+    """Shared by the SMoRA layers of one model (the "root" that carries the `ForwardStart`/`ForwardEnd` hooks).
+
+    It knows, for the root's forward in progress: the real-token mask, flattened to (tokens,) booleans, if the root
+    was called with an ``attention_mask`` (padding must not count as load); whether that forward trains (the root
+    was in training mode with gradients on when it started: inside a reentrant checkpoint the layers themselves run
+    without gradients); and a counter of root forwards, which tells a layer that a new step began. ``disabled``
+    switches the adapters off.
+    """
 
     def __init__(self) -> None:
         self.token_mask: torch.Tensor | None = None
         self.disabled = False
+        self.depth = 0  # root forwards in progress (a root may be called inside itself)
+        self.forward_id = 0
+        self.trains = False
+
+
+class ForwardStart:
+    """Forward pre-hook of the root: a new root forward begins (a picklable object, so the model deep-copies and
+    pickles with its adapters working)."""
+
+    def __init__(self, context: RoutingContext) -> None:
+        self.context = context
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        context = self.context
+        if context.depth == 0:
+            mask = kwargs.get("attention_mask")
+            # flattened once per forward, not once per adapted Linear
+            context.token_mask = mask.reshape(-1).bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+            context.trains = module.training and torch.is_grad_enabled()
+            context.forward_id += 1
+        context.depth += 1
+
+
+class ForwardEnd:
+    """Forward hook of the root (always called, also when the forward raises): the root forward is over."""
+
+    def __init__(self, context: RoutingContext) -> None:
+        self.context = context
+
+    def __call__(self, module: nn.Module, args: tuple, output: object) -> None:
+        context = self.context
+        context.depth -= 1
+        if context.depth == 0:
+            context.token_mask = None
+
+
+def attach_root(root: nn.Module, context: RoutingContext) -> None:
+    """Make ``root`` the module whose forwards are the steps of ``context``'s layers."""
+    root.register_forward_pre_hook(ForwardStart(context), with_kwargs=True)
+    root.register_forward_hook(ForwardEnd(context), always_call=True)
+
+
+def in_backward() -> bool:
+    """True while autograd runs a backward pass, where gradient checkpointing recomputes forwards: a recomputed
+    forward must route as the original did and record nothing. (The graph-task id is what
+    `torch.utils.checkpoint` itself reads; it is -1 outside backward.)"""
+    return torch._C._current_graph_task_id() != -1
 
 
 class SMoRALinear(nn.Module):
@@ -56,7 +109,13 @@ class SMoRALinear(nn.Module):
         self.register_buffer("expert_load", torch.zeros(config.experts, dtype=torch.float64,
                                                         device=factory["device"]), persistent=False)
         self.routed_tokens = 0
-        self.context = context or RoutingContext()
+        # the bias this step routes with (see `_routing_bias`); not state: taken anew at each step
+        self._step_bias: torch.Tensor | None = None
+        self._bias_step: int | None = None
+        if context is None:  # a layer on its own is its own root
+            context = RoutingContext()
+            attach_root(self, context)
+        self.context = context
         self.compute = compute
         self.reset_adapter_parameters()
 
@@ -82,18 +141,17 @@ class SMoRALinear(nn.Module):
 
     def route(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per token, from the router's logits (tokens, experts): the ranks used (tokens, active_r) and their
-        gates (tokens, active_r). Counts the load and, in a training forward, moves the balance bias."""
+        gates (tokens, active_r). Counts the load and, in a training forward, moves the balance bias; a forward
+        recomputed by gradient checkpointing routes as the original did and records nothing."""
         cfg = self.config
+        recomputed = in_backward()
         scores = torch.sigmoid(router_logits)
-        biased = scores + self.lora_biases
+        biased = scores + self._routing_bias(recomputed)
         _, experts = biased.topk(cfg.active_experts, dim=-1, sorted=False)  # order is irrelevant; 10x faster
         chosen = (scores if cfg.gate_scores == "unbiased" else biased).gather(-1, experts)
         gates = chosen * (cfg.active_experts / chosen.sum(-1, keepdim=True).clamp_min(1e-9))  # mean 1
-        load, tokens = self._load(experts)
-        if self.training and torch.is_grad_enabled():
-            self._balance(load)
-        self.expert_load += load
-        self.routed_tokens += tokens
+        if not recomputed:
+            self._record(experts)
         if cfg.rank_partition == 1:
             return experts, gates
         offsets = torch.arange(cfg.rank_partition, device=experts.device)
@@ -116,6 +174,30 @@ class SMoRALinear(nn.Module):
     def merge(self) -> None:
         raise RuntimeError("a SMoRA adapter cannot be merged into the base weight: which ranks act depends on each "
                            "token (the router), so no single weight update equals it; serve it unmerged")
+
+    def _routing_bias(self, recomputed: bool) -> torch.Tensor:
+        """The balance bias as it was when this step began: routing is then a function of the inputs and of the
+        state at the step's start, so a recomputed forward routes exactly like the original even though the bias
+        moved after it. A step is one forward of the root; a call outside the root's forward is a step of its own."""
+        context = self.context
+        step = context.forward_id if context.depth > 0 else None
+        if not recomputed and (self._step_bias is None or step is None or step != self._bias_step):
+            self._step_bias, self._bias_step = self.lora_biases.clone(), step
+        return self.lora_biases if self._step_bias is None else self._step_bias
+
+    def _trains(self) -> bool:
+        """Whether this call is part of a training forward: the root's mode and grad state when its forward
+        started (inside a reentrant checkpoint the layer itself runs without gradients)."""
+        context = self.context
+        return self.training and (context.trains if context.depth > 0 else torch.is_grad_enabled())
+
+    @torch.no_grad()
+    def _record(self, experts: torch.Tensor) -> None:
+        load, tokens = self._load(experts)
+        if self._trains():
+            self._balance(load)
+        self.expert_load += load
+        self.routed_tokens += tokens
 
     def _real_tokens(self, count: int) -> torch.Tensor | None:
         mask = self.context.token_mask

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from .._timing import time_interleaved
 from .config import ALL_LINEAR, SMoRAConfig
-from .layer import RoutingContext, SMoRALinear, dense_adapter, gather_adapter
+from .layer import RoutingContext, SMoRALinear, attach_root, dense_adapter, gather_adapter
 
 __all__ = ["add_smora", "choose_compute", "disable_adapters", "routing_report", "smora_layers", "target_names"]
 
@@ -72,8 +72,7 @@ def add_smora(model: nn.Module, config: SMoRAConfig) -> nn.Module:
     for name, module in model.named_modules():
         if name and _matches(name, config.modules_to_save):
             module.requires_grad_(True)
-    model.register_forward_pre_hook(_remember_mask(context), with_kwargs=True)
-    model.register_forward_hook(_forget_mask(context))
+    attach_root(model, context)
     return model
 
 
@@ -138,19 +137,3 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 def _some_linears(model: nn.Module, count: int = 5) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)][:count]
-
-
-def _remember_mask(context: RoutingContext):
-    def hook(module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        # flattened once per forward, not once per adapted Linear
-        context.token_mask = mask.reshape(-1).bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-
-    return hook
-
-
-def _forget_mask(context: RoutingContext):
-    def hook(module, args, output):
-        context.token_mask = None
-
-    return hook
