@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import io
 import json
 from pathlib import Path
 
@@ -37,6 +39,20 @@ def assert_rejects_bad_images(model: torch.nn.Module, size: int) -> None:
         model(torch.randn(1, 3, 2, size))
     with pytest.raises(ValueError, match="NCHW"):
         model(torch.randn(3, size, size))
+
+
+COPY_KINDS = ("deepcopy", "pickle")
+
+
+def round_trip(model: torch.nn.Module, how: str) -> torch.nn.Module:
+    """A copy of ``model`` by ``copy.deepcopy`` or by ``torch.save`` + ``torch.load`` of the whole module (pickle:
+    the user's own trusted file, hence weights_only=False)."""
+    if how == "deepcopy":
+        return copy.deepcopy(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
 
 
 @pytest.fixture(autouse=True)

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+from tests.conftest import COPY_KINDS, round_trip
 
 from leanformer import create_model
 from leanformer.memory import (
@@ -238,3 +239,73 @@ def test_permuted_saved_tensors_are_quantised_in_memory_order():
     out = stored.unpack()
     assert out.shape == x.shape and out.stride() == x.stride()
     assert float((out - x).abs().max()) <= float(stored.payload.step.max()) * 1.01
+
+
+# -- copies: deepcopy and pickle (torch.save of the whole module) --------------------------------------------------
+
+
+def _swin_nano():
+    return create_model("swin_nano_patch2_window4_32", drop_path_rate=0.0), torch.randn(2, 3, 32, 32), \
+        lambda out: out, CompressionConfig(bits=8)
+
+
+def _timm_vit():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10)
+    return model, torch.randn(2, 3, 32, 32), lambda out: out, CompressionConfig(bits=8)
+
+
+def _hf_bert():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128)
+    return transformers.BertModel(config), torch.randint(0, 100, (2, 32)), lambda out: out.last_hidden_state, \
+        CompressionConfig(bits=8, min_numel=256)
+
+
+def _hf_llama():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=128)
+    return transformers.LlamaForCausalLM(config), torch.randint(0, 100, (2, 32)), lambda out: out.logits, \
+        CompressionConfig(bits=8, min_numel=256)
+
+
+COPY_FAMILIES = {"our_swin": _swin_nano, "timm_vit": _timm_vit, "hf_bert": _hf_bert, "hf_llama": _hf_llama}
+
+
+def _saved_ratio(model: nn.Module, inputs, pick) -> float:
+    with saved_activation_bytes(model) as report:
+        pick(model(inputs)).sum()
+    return report.ratio
+
+
+@pytest.mark.parametrize("how", COPY_KINDS)
+@pytest.mark.parametrize("family", sorted(COPY_FAMILIES))
+def test_a_copy_of_a_compressed_model_is_a_compressed_model_of_its_own(family, how):
+    """A deep copy or an unpickled copy stores compressed activations through its own hooks (a copy whose hooks
+    still served the original stored exact activations while reporting itself compressed), computes what the
+    original computes, and is decompressed and compressed again without touching the original."""
+    model, inputs, pick, config = COPY_FAMILIES[family]()
+    model.eval()  # no dropout: the original's and the copy's forwards are comparable
+    loss = lambda out: pick(out).float().pow(2).mean()
+    exact = grads_of(model, inputs, loss)
+    ratio = _saved_ratio(compress_activations(model, config), inputs, pick)
+    assert ratio < 0.5
+
+    twin = round_trip(model, how)
+    assert compression_of(twin) is not None and compression_of(twin) is not compression_of(model)
+    with pytest.raises(ValueError, match="already compressed"):
+        compress_activations(twin, config)
+    assert _saved_ratio(twin, inputs, pick) == pytest.approx(ratio, abs=0.01)
+    assert torch.equal(pick(twin(inputs)), pick(model(inputs)))
+    assert relative_error(grads_of(twin, inputs, loss), exact) < 0.05
+
+    decompress_activations(twin)
+    assert _saved_ratio(twin, inputs, pick) == 1.0
+    again = grads_of(twin, inputs, loss)
+    assert all(torch.equal(exact[k], again[k]) for k in exact)
+    assert _saved_ratio(model, inputs, pick) == pytest.approx(ratio, abs=0.01)  # the original is still compressed
+    assert relative_error(grads_of(model, inputs, loss), exact) < 0.05
+    compress_activations(twin, config)
+    assert _saved_ratio(twin, inputs, pick) == pytest.approx(ratio, abs=0.01)

@@ -173,46 +173,67 @@ def _memory_order(x: torch.Tensor) -> tuple[int, ...] | None:
 
 
 class ActivationCompressor:
-    """The state behind `compress_activations`: hooks, running ranges, dedup cache and statistics."""
+    """The state behind `compress_activations`: hooks, running ranges, dedup cache and statistics.
+
+    It holds no reference to the model: its hooks hand it each module as that module runs (the model itself
+    under the name ""), so copying one submodule of a compressed model does not copy the whole model. A deep
+    copy or a pickle of the model copies the compressor with it (the hooks are objects, see `ModuleTracker`):
+    the copy compresses through its own compressor, with the running ranges and counters of the original at
+    copy time, and its stochastic rounding restarts from the seed taken at compression time.
+    """
 
     def __init__(self, model: nn.Module, config: CompressionConfig):
-        self.model, self.config = model, config
+        self.config = config
         self.running: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.clipped = 0
         self.quantized_values = 0
         self.counted_values = 0
         self._forwards = -1  # training forwards seen; the first one (0) counts clipping
-        self._mode = _CurrentFunction()
+        self._training = False  # the model's mode in the forward being run
         self._excluded = 0
         self._save_index: dict[str, int] = {}
+        self._seed = torch.initial_seed()
+        self._reset_transient()
+        self._tracker = ModuleTracker(model, on_enter=self._enter, on_exit=self._exit)
+
+    def _reset_transient(self) -> None:
+        """State that lives only within a forward or is a cache: rebuilt, never copied or pickled."""
+        self._mode = _CurrentFunction()
         self._cache: dict[tuple, tuple[weakref.ref, _Stored]] = {}
         self._params: set = set()
         self._saved_hooks: torch.autograd.graph.saved_tensors_hooks | None = None
-        self._seed = torch.initial_seed()
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._generators: dict[torch.device, torch.Generator] = {}  # per device: a copy may live on another one
         self._pools: dict[torch.device, torch.Tensor] = {}
-        self._tracker = ModuleTracker(model, on_enter=self._enter, on_exit=self._exit)
+
+    def __getstate__(self) -> dict:
+        transient = ("_mode", "_cache", "_params", "_saved_hooks", "_generators", "_pools")
+        return {key: value for key, value in self.__dict__.items() if key not in transient}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reset_transient()
 
     # -- entering and leaving the model's forward ---------------------------------------------------
 
     def _enter(self, name: str, module: nn.Module) -> None:
-        if module is self.model:
-            self._forwards += self.model.training
-            self._params = parameter_storages(self.model)
+        if not name:  # the model itself
+            self._training = module.training
+            self._forwards += module.training
+            self._params = parameter_storages(module)
             self._save_index.clear()
             self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, _Stored.unpack)
             self._saved_hooks.__enter__()
             self._mode.__enter__()
-        elif name and any(fnmatch.fnmatch(name, p) for p in self.config.exclude_modules):
+        elif any(fnmatch.fnmatch(name, p) for p in self.config.exclude_modules):
             self._excluded += 1
 
     def _exit(self, name: str, module: nn.Module) -> None:
-        if module is self.model:
+        if not name:
             self._mode.__exit__(None, None, None)
             self._saved_hooks.__exit__(None, None, None)
             self._saved_hooks = None
             self._cache.clear()
-        elif name and any(fnmatch.fnmatch(name, p) for p in self.config.exclude_modules):
+        elif any(fnmatch.fnmatch(name, p) for p in self.config.exclude_modules):
             self._excluded -= 1
 
     # -- the pack hook -------------------------------------------------------------------------------
@@ -276,7 +297,7 @@ class ActivationCompressor:
             return None
         if cfg.range == "running" and not isinstance(group, int):
             site = (*site, tuple(lo.shape))
-            if self.model.training:  # pack hooks run only when autograd saves, i.e. in a grad-enabled forward
+            if self._training:  # pack hooks run only when autograd saves, i.e. in a grad-enabled forward
                 self.running[site] = Q.ema_update(self.running.get(site), (lo, hi), cfg.ema_decay)
             lo, hi = self.running.get(site, (lo, hi))
         stochastic = cfg.rounding == "stochastic"
