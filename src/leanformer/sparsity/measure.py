@@ -14,7 +14,7 @@ the share of units nonzero for at least one token of a sample.
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from .._io import atomic_write
+from ._batches import split_batch
 from .ffn import FFNSpec, find_ffns
 
 __all__ = ["LayerSparsity", "SparsityReport", "measure_sparsity"]
@@ -170,31 +171,16 @@ def _histogram_quantile(histogram: torch.Tensor, levels: torch.Tensor, q: float)
     return low if frac == 0 else low + (value(lo + 1) - low) * frac
 
 
-def _split(batch, mask_key: str | None) -> tuple[tuple, dict, torch.Tensor | None]:
-    """A batch as (args, kwargs, padding mask or None)."""
-    if isinstance(batch, Mapping):
-        mask = batch.get(mask_key) if mask_key is not None else None
-        if mask is not None and not isinstance(mask, torch.Tensor):
-            raise ValueError(f"batch[{mask_key!r}] must be a tensor (nonzero = token, 0 = padding), "
-                             f"got {type(mask).__name__}")
-        return (), dict(batch), (None if mask is None else mask.to(torch.bool))
-    if isinstance(batch, torch.Tensor):
-        return (batch,), {}, None
-    if isinstance(batch, (tuple, list)):
-        return tuple(batch), {}, None
-    raise ValueError(f"each batch must be a tensor, a tuple/list of positional arguments or a dict of keyword "
-                     f"arguments, got {type(batch).__name__}")
-
-
 def measure_sparsity(model: nn.Module, batches: Iterable, specs: Iterable[FFNSpec] | None = None,
                      mask_key: str | None = "attention_mask") -> SparsityReport:
     """Run ``model`` on every batch and report the zeros of each FFN's x1 (the input of its down projection).
 
-    A batch is a tensor (``model(x)``), a tuple/list (``model(*args)``) or a dict (``model(**kwargs)``, as
-    Hugging Face models take). If a dict batch holds ``mask_key`` (a (batch, seq) tensor, nonzero = real
-    token, as HF's ``attention_mask``), padding tokens are left out of every statistic: they are computed
-    but would distort both the per-token zero fraction and the union over the sequence. ``mask_key=None``
-    counts every token.
+    A batch is a tensor (``model(x)``), a dict (``model(**kwargs)``, as Hugging Face models take) or an
+    ``(inputs, targets)`` pair, the format `prosparse` takes (``model(inputs)``, or ``model(**inputs)`` for a
+    dict; the targets are ignored, never passed to the model). If the keyword arguments hold ``mask_key`` (a
+    (batch, seq) tensor, nonzero = real token, as HF's ``attention_mask``), padding tokens are left out of every
+    statistic: they are computed but would distort both the per-token zero fraction and the union over the
+    sequence. ``mask_key=None`` counts every token.
 
     A token is one position of x1 with all leading dimensions flattened; for x1 of 3 or more dimensions the
     first is the sample and the middle ones (a sequence, or the H, W of an NHWC map) its tokens. A value
@@ -220,8 +206,9 @@ def measure_sparsity(model: nn.Module, batches: Iterable, specs: Iterable[FFNSpe
         model.eval()
         with torch.no_grad():
             for batch in batches:
-                args, kwargs, current_mask[0] = _split(batch, mask_key)
-                model(*args, **kwargs)
+                call = split_batch(batch)
+                current_mask[0] = call.padding_mask(mask_key)
+                call.run(model)
                 n_batches += 1
     finally:
         current_mask[0] = None

@@ -38,8 +38,8 @@ from tqdm import tqdm
 
 from .._checks import is_int, is_real
 from .._io import atomic_write
+from ._batches import split_batch
 from .ffn import FFN, FFNSpec, find_ffns
-from .measure import _split
 
 __all__ = ["LayerPrediction", "LowRankPredictor", "PredictorConfig", "PredictorReport", "Predictors",
            "evaluate_predictors", "record_ffn_activity", "train_predictors"]
@@ -333,8 +333,9 @@ def _run_ffns(model: nn.Module, batches: Iterable, ffns: list[FFN], mask_key: st
         model.eval()
         with torch.no_grad():
             for batch in batches:
-                args, kwargs, current_mask[0] = _split(batch, mask_key)
-                model(*args, **kwargs)
+                call = split_batch(batch)
+                current_mask[0] = call.padding_mask(mask_key)
+                call.run(model)
                 n_batches += 1
     finally:
         for handle in handles:
@@ -390,9 +391,10 @@ def record_ffn_activity(model: nn.Module, batches: Iterable, *, specs: Iterable[
     ``inputs`` are the FFN inputs (of its up projection) in the model's dtype, ``active`` is ``x1 != 0`` for the
     same tokens (x1: the input of its down projection). Tokens are every position with leading dimensions
     flattened, padding left out as `measure_sparsity` does (``mask_key``); at most ``max_tokens`` per layer are
-    kept, a uniform random subsample (seeded) in stream order. Batches are what ``model`` takes: a tensor, a
-    tuple of positional or a dict of keyword arguments. The model runs in eval mode under no_grad; training flags
-    are restored and the hooks removed even if it raises. ValueError if ``batches`` is empty or an FFN never ran.
+    kept, a uniform random subsample (seeded) in stream order. Batches follow `measure_sparsity`'s convention: a
+    tensor, a dict of keyword arguments or an (inputs, targets) pair whose targets are ignored. The model runs in
+    eval mode under no_grad; training flags are restored and the hooks removed even if it raises. ValueError if
+    ``batches`` is empty or an FFN never ran.
     """
     if not is_int(max_tokens) or max_tokens < 1:
         raise ValueError(f"max_tokens={max_tokens!r}: expected a positive integer")
@@ -500,7 +502,8 @@ def _fit_layer(name: str, x: torch.Tensor, active: torch.Tensor, config: Predict
 def train_predictors(model: nn.Module, batches: Iterable, config: PredictorConfig = PredictorConfig(), *,
                      specs: Iterable[FFNSpec] | None = None, progress: bool = True,
                      mask_key: str | None = "attention_mask") -> tuple[Predictors, PredictorReport]:
-    """Record the FFN activity of ``model`` on ``batches``, then train and calibrate one predictor per FFN.
+    """Record the FFN activity of ``model`` on ``batches`` (as `measure_sparsity` takes them), then train and
+    calibrate one predictor per FFN.
 
     Per layer, the recorded tokens (`record_ffn_activity`, at most ``config.max_tokens``) are split into training
     and held-out tokens (``val_fraction``). The predictor is trained with Adam on BCE-with-logits against
@@ -532,7 +535,8 @@ def train_predictors(model: nn.Module, batches: Iterable, config: PredictorConfi
 def evaluate_predictors(model: nn.Module, predictors: Predictors, batches: Iterable, *,
                         specs: Iterable[FFNSpec] | None = None,
                         mask_key: str | None = "attention_mask") -> PredictorReport:
-    """Recall, precision and predicted sparsity of ``predictors`` on every (unpadded) token of ``batches``.
+    """Recall, precision and predicted sparsity of ``predictors`` on every (unpadded) token of ``batches`` (as
+    `measure_sparsity` takes them).
 
     Counts are accumulated while the model runs, so nothing is stored; the predictors must fit the model
     (`Predictors.check_fits`) and are run on their own device.

@@ -40,6 +40,7 @@ from ..train.checkpoint import (
 )
 from ..train.config import config_from_dict
 from ..train.optim import build_optimizer, check_optimizer_settings, lr_at, set_lr
+from ._batches import split_pair, to_device
 from .activations import relufy
 from .ffn import FFNSpec
 from .measure import SparsityReport, measure_sparsity
@@ -212,9 +213,11 @@ class ProSparseResult:
 
 
 def _pair(batch, device: torch.device) -> Batch:
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise ValueError(f"each batch must be an (inputs, targets) pair, got {type(batch).__name__}")
-    return batch[0].to(device), batch[1].to(device)
+    """(inputs, targets) on ``device``. The sparsity batch convention (`measure_sparsity`) with targets required,
+    as the task loss needs them: inputs are a tensor or a dict of model keyword arguments (a custom ``loss_fn``
+    calls ``model(**inputs)``; the built-in losses take tensors)."""
+    inputs, targets = split_pair(batch)
+    return to_device(inputs, device), targets.to(device)
 
 
 def _evaluate(model: nn.Module, batches: Iterable, loss_fn: TaskLoss, specs: Iterable[FFNSpec] | None,
