@@ -309,3 +309,14 @@ def test_a_copy_of_a_compressed_model_is_a_compressed_model_of_its_own(family, h
     assert relative_error(grads_of(model, inputs, loss), exact) < 0.05
     compress_activations(twin, config)
     assert _saved_ratio(twin, inputs, pick) == pytest.approx(ratio, abs=0.01)
+
+
+def test_copying_one_block_of_a_compressed_model_copies_that_block_only():
+    """The hooks of a block reach the compressor, which must not reach the model: copying one block (as EMA,
+    layer cloning or pruning code does) would otherwise copy the whole model with it."""
+    model = compress_activations(tiny_swin(), CompressionConfig())
+    memo: dict = {}
+    block = copy.deepcopy(model.layers[0].blocks[0], memo)
+    assert id(model) not in memo and id(model.head) not in memo
+    x = torch.randn(2, 8, 8, 32)
+    torch.testing.assert_close(block(x), model.layers[0].blocks[0](x), atol=0, rtol=0)

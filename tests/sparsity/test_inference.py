@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn as nn
 from test_activations import FAMILIES, tiny_llama
+from tests.conftest import COPY_KINDS, round_trip
 
-from leanformer.sparsity import apply_topk, find_ffns, relufy
+from leanformer.sparsity import LowRankPredictor, apply_topk, find_ffns, relufy
 from leanformer.sparsity.inference import (
     SparseGatedFFN,
     SparseInputLinear,
@@ -232,3 +233,50 @@ def test_predictors_of_another_shape_are_refused():
     right = Predictors({ffn.name: LowRankPredictor(32, 64, 4) for ffn in find_ffns(model)})
     sparsify_for_inference(model, "predictor", right, max_active=1.0)
     assert isinstance(model.model.layers[1].mlp, SparseGatedFFN)
+
+
+def _sparse_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (SparseGatedFFN, SparseInputLinear))]
+
+
+def _down_weight(module: nn.Module) -> torch.Tensor:
+    return module.weight if isinstance(module, SparseInputLinear) else module.get_submodule(module._roles[2]).weight
+
+
+def _assert_copy_runs_and_counts_on_its_own(model: nn.Module, inputs, how: str) -> nn.Module:
+    """The copy gives the original's outputs, keeps its down weights neuron-major (a copy that lost the layout
+    would re-lay them out on every call) and counts its calls in its own report; returns the copy."""
+    expected = _run(model, inputs)
+    twin = round_trip(model, how)
+    assert all(_down_weight(m).t().is_contiguous() for m in _sparse_modules(twin))
+    inference_report(model, reset=True)
+    inference_report(twin, reset=True)
+    torch.testing.assert_close(_run(twin, inputs), expected, atol=0, rtol=0)
+    ffns = len(_sparse_modules(model))
+    assert _sparse_counts(twin) == (ffns, 0) and _sparse_counts(model) == (0, 0)
+    _run(model, inputs)
+    assert _sparse_counts(twin) == (ffns, 0) and _sparse_counts(model) == (ffns, 0)
+    return twin
+
+
+@pytest.mark.parametrize("how", COPY_KINDS)
+@pytest.mark.parametrize("family", ["hf_bert", "hf_llama", "our_swin", "timm_vit"])
+def test_a_copy_of_a_sparse_model_runs_and_counts_on_its_own(family, how, path):
+    build, _ = FAMILIES[family]
+    torch.manual_seed(0)
+    model, inputs = build()
+    relufy(model)
+    sparsify_for_inference(model.eval(), max_active=1.0)
+    _assert_copy_runs_and_counts_on_its_own(model, inputs, how)
+
+
+@pytest.mark.parametrize("how", COPY_KINDS)
+def test_a_copy_of_a_predictor_mode_model_has_its_own_predictors(how, path):
+    torch.manual_seed(0)
+    model, inputs = tiny_llama()
+    relufy(model)
+    predictors = {ffn.name: LowRankPredictor(32, 64, 4) for ffn in find_ffns(model)}
+    sparsify_for_inference(model.eval(), "predictor", predictors, max_active=1.0)
+    twin = _assert_copy_runs_and_counts_on_its_own(model, inputs, how)
+    originals = [m.predictor for m in _sparse_modules(model)]
+    assert all(m.predictor is not p for m, p in zip(_sparse_modules(twin), originals, strict=True))
