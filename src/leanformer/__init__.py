@@ -32,9 +32,11 @@ from .sparsity import (
     apply_topk,
     find_ffns,
     inference_report,
+    load_pretrained,
     measure_sparsity,
     prosparse,
     relufy,
+    save_pretrained,
     sparsify_for_inference,
 )
 from .train import (
@@ -84,12 +86,14 @@ __all__ = [
     "load_checkpoint",
     "load_data",
     "load_finetuned",
+    "load_pretrained",
     "load_task",
     "measure_sparsity",
     "prosparse",
     "relufy",
     "routing_report",
     "save_adapter",
+    "save_pretrained",
     "saved_activation_bytes",
     "sparsify_for_inference",
 ]

@@ -13,12 +13,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from leanformer import create_model, load_data
+from leanformer import create_model, load_data, load_pretrained
 from leanformer.cli import sparsify as sparsify_cli
 from leanformer.cli.main import main
 from leanformer.cli.sparsify import hf_progress_bars, load_causal_lm
 from leanformer.data import lm_eval_batches, load_text
-from leanformer.sparsity.activations import relufy
 from leanformer.sparsity.ffn import find_ffns
 from leanformer.sparsity.measure import measure_sparsity
 
@@ -69,14 +68,14 @@ def test_llama_end_to_end(llama_dir, text_file, tmp_path, capsys):
     assert (out / "sparsity.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "checkpoint" / "meta.json").is_file()
 
-    assert json.loads((out / "config.json").read_text())["hidden_act"] == "relu"
     assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o644  # shareable, as every file we write
     with hf_progress_bars(False):
-        model = load_causal_lm(out)
+        with pytest.raises(ValueError, match="leanformer.load_pretrained"):  # transformers has no FATReLU
+            load_causal_lm(out)
+        model = load_pretrained(out)
     x = torch.randn(3, 64)
-    for ffn in find_ffns(model):  # reloaded: ReLU, the activation it was trained with
-        assert torch.equal(ffn.act(x), F.relu(x))
-    relufy(model, "fatrelu", 0.01)  # the threshold the note asks for gives the reported model exactly
+    for ffn in find_ffns(model):  # reloaded: FATReLU(0.01), the activation the figures were measured with
+        assert torch.equal(ffn.act(x), x.masked_fill(x < 0.01, 0))
     loss, sparsity = val_loss_and_sparsity(model, text_file)
     assert loss == pytest.approx(saved["final_val_loss"], rel=1e-6)
     assert sparsity == pytest.approx(saved["final_sparsity"], abs=1e-12)
@@ -111,13 +110,15 @@ def test_backbone_on_digits(tmp_path, capsys):
                  "--steps", "3", "--relu-steps", "1", "--stages", "[[2, 0.1]]", "--lr", "1e-3", "--batch-size", "8",
                  "--eval-every", "3", "--no-progress", "--out", str(out), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    model = create_model("swin_nano_patch2_window4_32", checkpoint_path=out / "model.safetensors", in_chans=1,
-                         num_classes=10, img_size=16)
-    relufy(model, "fatrelu", 0.01)
+    fresh = lambda: create_model("swin_nano_patch2_window4_32", in_chans=1, num_classes=10, img_size=16)
+    with pytest.raises(ValueError, match="load_pretrained"):  # a plain load would give GELU FFNs
+        create_model("swin_nano_patch2_window4_32", checkpoint_path=out / "model.safetensors", in_chans=1,
+                     num_classes=10, img_size=16)
+    model = load_pretrained(out, fresh())
     val = load_data("digits", img_size=16, val_fraction=0.03).val
     report = measure_sparsity(model, [x for x, _ in DataLoader(val, batch_size=8)])
     assert report.average_sparsity == pytest.approx(summary["final_sparsity"], abs=1e-12)
-    assert "weights only" in summary["activation"] and (out / "sparsity.png").is_file()
+    assert "FATReLU(threshold=0.01) recorded" in summary["activation"] and (out / "sparsity.png").is_file()
 
 
 def test_help_explains_the_three_steps(capsys):

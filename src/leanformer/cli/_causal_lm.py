@@ -1,8 +1,8 @@
 """A causal LM folder as `leanformer sparsify` left it, for `leanformer generate` and `leanformer predictors`.
 
-sparsify saves the model with ``config.hidden_act = "relu"`` and records its FATReLU threshold in
-``sparsity.json`` (``config.threshold``); ``from_pretrained`` gives ReLU, so the threshold is applied again here
-and both commands see exactly the sparsified model.
+sparsify saves the model with `leanformer.save_pretrained`, which records its FFN activations (FATReLU and its
+threshold) in config.json, so both commands see exactly the sparsified model. Folders from earlier versions (a
+ReLU config plus the threshold in ``sparsity.json``, ``config.threshold``) get that threshold applied again.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from typing import Any
 import torch.nn as nn
 
 from ..data import load_tokenizer
-from ..sparsity import relufy
+from ..sparsity import load_pretrained, relufy
+from ..sparsity.pretrained import CONFIG_KEY
 from .sparsify import check_causal_lm_folder, hf_progress_bars, load_causal_lm
 
 SPARSITY_FILE = "sparsity.json"
@@ -72,29 +73,56 @@ def check_model_folder(folder: Path) -> None:
 
 def load_sparsified_lm(folder: Path, threshold: float | None, progress: bool, relu_needed_by: str | None = None
                        ) -> CausalLM:
-    """Load ``folder`` (nothing downloaded) and apply FATReLU(threshold), by default the recorded one.
+    """Load ``folder`` (nothing downloaded) with the FFN activations it was saved with, or FATReLU(threshold).
 
-    A threshold > 0 needs a ReLU model (``config.hidden_act == "relu"``, as sparsify saves it): on any other
-    activation FATReLU would replace what the model was trained with, so that is refused, as is any non-ReLU
-    model when ``relu_needed_by`` names a use that needs one. Everything is checked before the weights load.
+    A folder whose config.json records its activations (`leanformer.save_pretrained`, as sparsify writes it) is
+    loaded exactly; an older sparsify folder (a ReLU config plus the threshold in sparsity.json) gets its recorded
+    threshold. A threshold > 0 needs a ReLU/FATReLU model: on any other activation FATReLU would replace what the
+    model was trained with, so that is refused, as is any non-ReLU model when ``relu_needed_by`` names a use that
+    needs one. Everything is checked before the weights load.
     """
     check_model_folder(folder)
     config_path = folder / "config.json"
-    hidden_act = json.loads(config_path.read_text()).get("hidden_act")  # valid JSON: checked just above
+    values = json.loads(config_path.read_text())  # valid JSON: checked just above
+    record = values.get(CONFIG_KEY)
+    relu, described, problem = _ffn_activations(values, record, config_path)
     source = "--threshold"
-    if threshold is None:
+    if threshold is None and record is None:
         threshold, source = recorded_threshold(folder), SPARSITY_FILE
-    else:
+    elif threshold is not None:
         _check_threshold(threshold, "--threshold")
-    if hidden_act != "relu" and (threshold or relu_needed_by):
+    if not relu and (threshold or relu_needed_by):
         needs = (f"FATReLU (threshold {threshold:g} from {source}) applies to ReLU models" if threshold else
                  f"{relu_needed_by} needs a ReLU or FATReLU model")
-        raise ValueError(f"{config_path}: hidden_act is {hidden_act!r}, but {needs}, as `leanformer sparsify` "
-                         "saves them")
+        raise ValueError(f"{config_path}: {problem}, but {needs}, as `leanformer sparsify` saves them")
     with hf_progress_bars(progress):
-        model = load_causal_lm(folder).eval()
+        model = (load_causal_lm(folder) if record is None else load_pretrained_lm(folder)).eval()
     tokenizer = load_tokenizer(folder)
     if not threshold:
-        return CausalLM(model, tokenizer, f"config.hidden_act {hidden_act!r}")
+        return CausalLM(model, tokenizer, described)
     relufy(model, "fatrelu", threshold)
     return CausalLM(model, tokenizer, f"FATReLU(threshold={threshold:g}) from {source}")
+
+
+def _ffn_activations(values: dict, record: object, config_path: Path) -> tuple[bool, str, str]:
+    """(whether every FFN is ReLU or FATReLU, what they are in words, and the same as a reason to refuse) from a
+    folder's config.json."""
+    if record is None:
+        hidden_act = values.get("hidden_act")
+        return hidden_act == "relu", f"config.hidden_act {hidden_act!r}", f"hidden_act is {hidden_act!r}"
+    activations = record.get("activations") if isinstance(record, dict) else None
+    if not isinstance(activations, dict) or not activations:
+        raise ValueError(f"{config_path}: {CONFIG_KEY}.activations must be a non-empty object")
+    entries = list(activations.values())
+    relu = all(isinstance(e, dict) and e.get("act") in ("relu", "fatrelu") and "topk" not in e for e in entries)
+    kinds = sorted({json.dumps(e, sort_keys=True) for e in entries})
+    described = f"FFN activations {', '.join(kinds)} from config.json"
+    return relu, described, described
+
+
+def load_pretrained_lm(folder: Path) -> nn.Module:
+    """`leanformer.load_pretrained` of a causal LM folder, its errors naming the folder."""
+    try:
+        return load_pretrained(folder)
+    except ValueError as err:
+        raise ValueError(f"--model {folder}: {err}") from err

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
-from .._io import atomic_write, write_files_atomic, write_json_atomic
+from .._io import write_files_atomic, write_json_atomic
 from ..data import lm_batches, lm_eval_batches, load_data, load_text, load_tokenizer
 from ..models import create_model, is_model
+from ..sparsity.pretrained import WEIGHTS_NAME, save_pretrained
 from ..sparsity.prosparse import ProSparseConfig, ProSparseResult, prosparse
 from ._options import add_config_options, given_options
 
@@ -153,17 +153,6 @@ def _endless(dataset: Dataset, batch_size: int, seed: int) -> Iterator:
         yield from loader
 
 
-def _save_hf(model: nn.Module, tokenizer, out: Path) -> None:
-    """save_pretrained into a temporary folder inside ``out``, then move each file into place atomically."""
-
-    def write(tmp: str) -> None:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-
-    write_files_atomic(out, write)
-
-
 def run(args: argparse.Namespace) -> int:
     config = build_config(args)
     if args.resume and args.out is None:
@@ -208,23 +197,22 @@ def run(args: argparse.Namespace) -> int:
 
     result = prosparse(model, train_batches, config, eval_batches, progress=not args.no_progress,
                        checkpoint_dir=checkpoint_dir, resume=args.resume)
-    if not backbone:
-        hidden_act = model.config.hidden_act
-        model.config.hidden_act = "relu"  # the activation it was trained with; FATReLU(0) is ReLU exactly
-        with hf_progress_bars(not args.no_progress):
-            _save_hf(model, tokenizer, out)
-        fatrelu = ("FATReLU with threshold 0 is ReLU: from_pretrained gives the sparsified model as it is"
-                   if threshold == 0 else
-                   f"from_pretrained gives ReLU; apply leanformer.sparsity.relufy(model, 'fatrelu', {threshold}) "
-                   "for the sparsified model exactly")
-        note = f"config.hidden_act set to 'relu' (was {hidden_act!r}); {fatrelu}"
-        weights = out
+    if backbone:
+        weights = save_pretrained(model, out) / WEIGHTS_NAME
+        note = (f"FATReLU(threshold={threshold:g}) recorded in {weights.name}: "
+                f"leanformer.load_pretrained({str(out)!r}, create_model({args.model!r}, ...)) gives the sparsified "
+                "model exactly; create_model(..., checkpoint_path=...) refuses the file")
     else:
-        weights = out / "model.safetensors"
-        state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}  # no shared storage
-        atomic_write(weights, lambda tmp: save_file(state, tmp, metadata={"model": args.model}))
-        note = (f"weights only: create_model({args.model!r}, checkpoint_path=...) builds it with its original "
-                f"activation; apply leanformer.sparsity.relufy(model, 'fatrelu', {threshold}) for the sparsified model")
+        with hf_progress_bars(not args.no_progress):
+            save_pretrained(model, out)
+            if tokenizer is not None:
+                write_files_atomic(out, tokenizer.save_pretrained)
+        fatrelu = f"relufy(model, 'fatrelu', {threshold})"
+        note = ("FFN activations recorded in config.json; threshold 0 is ReLU: from_pretrained gives the sparsified "
+                "model as it is" if model.config.leanformer["plain_reload"] else
+                f"FFNs recorded in config.json as {fatrelu}: leanformer.load_pretrained gives the sparsified model "
+                "exactly; a plain from_pretrained refuses it (transformers has no FATReLU)")
+        weights = out
     payload = {"model": args.model, "data": source, "output": str(weights), "activation": note, **result.to_dict()}
     write_json_atomic(out / "sparsity.json", payload)
     result.report.plot(out / "sparsity.png", title=f"{args.model} after ProSparse (FATReLU t={threshold:g}): "

@@ -13,7 +13,12 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
 from safetensors.torch import load_file
+
+# safetensors metadata key under which `leanformer.save_pretrained` records changed FFN activations: such a file is
+# not a plain checkpoint (loaded as one, the model would silently compute something else)
+TRANSFORMS_METADATA_KEY = "leanformer.activations"
 
 FilterFn = Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]
 _TORCH_SUFFIXES = {".pth", ".pt", ".bin", ".ckpt"}
@@ -26,6 +31,7 @@ def read_state_dict(path: str | PathLike) -> dict[str, torch.Tensor]:
         raise ValueError(f"checkpoint {str(path)!r} does not exist or is not a file")
     try:
         if path.suffix == ".safetensors":
+            _refuse_transformed(path)
             state = load_file(str(path), device="cpu")
         elif path.suffix in _TORCH_SUFFIXES:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -45,6 +51,14 @@ def read_state_dict(path: str | PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"checkpoint {str(path)!r} does not hold a flat dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _refuse_transformed(path: Path) -> None:
+    with safe_open(str(path), "pt") as f:
+        transformed = TRANSFORMS_METADATA_KEY in (f.metadata() or {})
+    if transformed:
+        raise ValueError(f"checkpoint {str(path)!r} holds a model with changed FFN activations (ReLU, FATReLU or "
+                         "Top-k); load it with leanformer.load_pretrained(folder, model), which puts them back")
 
 
 def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

@@ -21,6 +21,7 @@ from .predictor import (
     record_ffn_activity,
     train_predictors,
 )
+from .pretrained import load_pretrained, save_pretrained
 from .prosparse import ProSparseConfig, ProSparseResult, prosparse
 from .regularize import PROSPARSE_7B, PROSPARSE_13B, ProSparseSchedule, SparsityRegularizer
 
@@ -50,10 +51,12 @@ __all__ = [
     "evaluate_predictors",
     "find_ffns",
     "inference_report",
+    "load_pretrained",
     "measure_sparsity",
     "prosparse",
     "record_ffn_activity",
     "relufy",
+    "save_pretrained",
     "sparsify_for_inference",
     "train_predictors",
 ]

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from .ffn import FFNSpec, find_ffns
 
-__all__ = ["RELUFY_ACTIVATIONS", "FATReLU", "TopK", "apply_topk", "relufy"]
+__all__ = ["RELUFY_ACTIVATIONS", "FATReLU", "TopK", "apply_topk", "is_topk_wrapped", "relufy"]
 
 RELUFY_ACTIVATIONS = ("relu", "fatrelu")
 
@@ -81,8 +81,8 @@ def relufy(model: nn.Module, activation: str = "relu", threshold: float = 0.0,
     its original activation): ProSparse continues training after this step.
 
     If `apply_topk` was applied before, the activation inside its wrapper is replaced and the TopK kept.
-    For Hugging Face models the config is left as it is (``config.hidden_act`` may also drive non-FFN layers,
-    e.g. BERT's MLM head): a model saved with ``save_pretrained`` must be relufied again after loading.
+    A Hugging Face model's config is updated so that a saved copy reloads as this model or not at all (see
+    `leanformer.sparsity.pretrained`); `leanformer.save_pretrained` / `load_pretrained` round-trip it exactly.
     """
     if activation not in RELUFY_ACTIVATIONS:
         raise ValueError(f"relufy activation must be one of {RELUFY_ACTIVATIONS}, got {activation!r}")
@@ -93,10 +93,11 @@ def relufy(model: nn.Module, activation: str = "relu", threshold: float = 0.0,
         FATReLU(threshold)  # validate before touching the model
     for ffn in find_ffns(model, specs):
         new = nn.ReLU() if activation == "relu" else FATReLU(threshold)
-        if _is_topk_wrapped(ffn.act):
+        if is_topk_wrapped(ffn.act):
             ffn.act[0] = new  # keep the TopK that apply_topk added
         else:
             ffn.set_act(new)
+    _record_in_config(model, specs)
     return model
 
 
@@ -109,11 +110,18 @@ def apply_topk(model: nn.Module, k: int, specs: Iterable[FFNSpec] | None = None)
     """
     TopK(k)  # validate before touching the model
     for ffn in find_ffns(model, specs):
-        act = ffn.act[0] if _is_topk_wrapped(ffn.act) else ffn.act
+        act = ffn.act[0] if is_topk_wrapped(ffn.act) else ffn.act
         ffn.set_act(nn.Sequential(act, TopK(k)))
+    _record_in_config(model, specs)
     return model
 
 
-def _is_topk_wrapped(act: nn.Module) -> bool:
+def _record_in_config(model: nn.Module, specs: Iterable[FFNSpec] | None) -> None:
+    from .pretrained import sync_hf_config  # imported here: pretrained builds on the activations of this module
+
+    sync_hf_config(model, specs)
+
+
+def is_topk_wrapped(act: nn.Module) -> bool:
     """Whether ``act`` is what `apply_topk` sets: Sequential(activation, TopK)."""
     return isinstance(act, nn.Sequential) and len(act) == 2 and isinstance(act[1], TopK)

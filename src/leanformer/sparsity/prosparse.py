@@ -273,8 +273,8 @@ def prosparse(model: nn.Module, train_batches: Iterable, config: ProSparseConfig
         steps used are drawn and skipped, so the run ends bit-identical to an uninterrupted one.
     loss_fn: ``f(model, batch) -> mean loss``; default `task_loss_for(model)`. specs: FFN table, see `find_ffns`.
 
-    The model is left in eval mode with FATReLU(config.threshold) in every FFN. A Hugging Face model's
-    ``config.hidden_act`` is not changed (see `relufy`).
+    The model is left in eval mode with FATReLU(config.threshold) in every FFN; a Hugging Face model's config
+    records it (see `relufy`): save it with `leanformer.save_pretrained`, reload with `load_pretrained`.
     """
     loss_fn = loss_fn or task_loss_for(model)
     if iter(eval_batches) is eval_batches:

@@ -1,0 +1,263 @@
+"""Save and reload a model whose FFN activations leanformer changed, so that the same model comes back.
+
+`relufy` and `apply_topk` change what a model computes, and nothing in a Hugging Face checkpoint or a state dict
+says so: reloaded, the model would silently be the original again (SiLU/GELU). Every FFN activation leanformer
+set is therefore *recorded* — per activation module path: ReLU, FATReLU and its threshold, or the model's own
+activation, each optionally followed by Top-k — and:
+
+- for a Hugging Face model the record lives in ``model.config.leanformer`` and the config's activation fields
+  (``hidden_act``, ``activation_function``, ...) are set so that a plain ``from_pretrained`` of a saved copy
+  gives the same model when transformers can express it (every FFN ReLU, nothing else changed) and fails loudly
+  when it cannot (FATReLU, Top-k, or ReLU that the same field would also put elsewhere, such as BERT's MLM head):
+  the field then names a function transformers does not have. `relufy` and `apply_topk` keep this up to date,
+  so even the model's own ``save_pretrained`` writes a config that reloads right or not at all;
+- any other module (ours, timm) is saved as ``model.safetensors`` with the record in its metadata, which
+  `leanformer.create_model(..., checkpoint_path=...)` refuses to load as a plain checkpoint.
+
+`load_pretrained` reads either and puts every recorded activation back.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .._io import atomic_write, write_files_atomic
+from ..models._checkpoint import TRANSFORMS_METADATA_KEY, check_state_dict
+from .activations import FATReLU, TopK, is_topk_wrapped
+from .ffn import FFNSpec, find_ffns
+
+__all__ = ["activation_record", "load_pretrained", "save_pretrained", "sync_hf_config"]
+
+RECORD_FORMAT = "leanformer.ffn-activations"
+RECORD_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_KEY = "leanformer"  # the attribute of a Hugging Face config (and key of its config.json) with the record
+# config fields transformers builds FFN activations from; the value a ReLU FFN needs in each
+_ACTIVATION_FIELDS = {
+    "hidden_act": lambda config: "relu",
+    "activation_function": lambda config: "relu",
+    "hidden_activation": lambda config: "relu",
+    "feed_forward_proj": lambda config: "gated-relu" if getattr(config, "is_gated_act", False) else "relu",
+}
+
+
+def activation_record(model: nn.Module, specs: Iterable[FFNSpec] | None = None) -> dict[str, dict]:
+    """Per FFN activation module path: what leanformer set there, e.g. ``{"act": "fatrelu", "threshold": 0.01}``,
+    ``{"act": "model", "topk": 32}`` (the model's own activation followed by Top-k); empty if nothing changed."""
+    names = {id(module): name for name, module in model.named_modules()}
+    record = {}
+    for ffn in find_ffns(model, specs):
+        entry = _describe(ffn.act)
+        if entry != {"act": "model"}:
+            parent = names[id(ffn.act_parent)]
+            record[f"{parent}.{ffn.act_attr}" if parent else ffn.act_attr] = entry
+    return record
+
+
+def sync_hf_config(model: nn.Module, specs: Iterable[FFNSpec] | None = None) -> None:
+    """Make a Hugging Face model's config tell the truth about its FFN activations (see the module docstring).
+
+    Called by `relufy` and `apply_topk`; a no-op for models without a transformers config.
+    """
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "save_pretrained"):
+        return
+    record = activation_record(model, specs)
+    previous = getattr(config, CONFIG_KEY, None)
+    original = previous["original"] if isinstance(previous, dict) and "original" in previous else \
+        {field: getattr(config, field) for field in _ACTIVATION_FIELDS if hasattr(config, field)}
+    if not record:
+        for field, value in original.items():
+            setattr(config, field, value)
+        if hasattr(config, CONFIG_KEY):
+            delattr(config, CONFIG_KEY)
+        return
+    if not original:
+        warnings.warn(f"{type(config).__name__} has none of the activation fields {sorted(_ACTIVATION_FIELDS)}: a "
+                      "plain from_pretrained of a saved copy cannot be made to refuse; reload it with "
+                      "leanformer.load_pretrained", stacklevel=3)
+    relu_fields = {field: _ACTIVATION_FIELDS[field](config) for field in original}
+    reloads_plainly = all(entry == {"act": "relu"} for entry in record.values()) and \
+        _plain_build_matches(model, relu_fields, record)
+    kinds = sorted({entry["act"] if "topk" not in entry else "topk" for entry in record.values()})
+    marker = f"{'+'.join(kinds)} FFNs set by leanformer: load with leanformer.load_pretrained"
+    for field in original:
+        setattr(config, field, relu_fields[field] if reloads_plainly else marker)
+    setattr(config, CONFIG_KEY, {"format": RECORD_FORMAT, "version": RECORD_VERSION, "original": original,
+                                 "plain_reload": reloads_plainly, "activations": record})
+
+
+def save_pretrained(model: nn.Module, directory: str | Path, specs: Iterable[FFNSpec] | None = None) -> Path:
+    """Save ``model`` with its FFN activations recorded, atomically; returns ``directory``.
+
+    A Hugging Face model is written by its own ``save_pretrained`` (config.json carries the record); any other
+    module as ``directory/model.safetensors`` with the record in the file's metadata. Reload with `load_pretrained`.
+    """
+    directory = Path(directory)
+    if hasattr(model, "save_pretrained") and hasattr(model, "config"):
+        sync_hf_config(model, specs)
+        write_files_atomic(directory, model.save_pretrained)
+        return directory
+    record = {"format": RECORD_FORMAT, "version": RECORD_VERSION, "activations": activation_record(model, specs)}
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}  # no shared storage
+    metadata = {TRANSFORMS_METADATA_KEY: json.dumps(record), "format": "pt"}
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata=metadata))
+    return directory
+
+
+def load_pretrained(directory: str | Path, model: nn.Module | None = None) -> nn.Module:
+    """The model `save_pretrained` wrote to ``directory``, with every recorded FFN activation put back.
+
+    A Hugging Face folder is loaded with its architecture's class (nothing downloaded; ``model`` must be None).
+    Any other model: pass ``model`` built as the saved one was (e.g. ``create_model(name, num_classes=...)``);
+    its weights and activations are replaced. Bad or mismatching files raise ValueError naming the file.
+    """
+    directory = Path(directory)
+    if (directory / "config.json").is_file():
+        if model is not None:
+            raise ValueError(f"{directory} is a Hugging Face model folder: call load_pretrained without a model")
+        return _load_hf(directory)
+    if model is None:
+        raise ValueError(f"{directory} has no config.json (not a Hugging Face folder): pass the model to load into, "
+                         "built as the saved one was, e.g. load_pretrained(dir, create_model(name, ...))")
+    return _load_module(directory / WEIGHTS_NAME, model)
+
+
+def _describe(act: nn.Module) -> dict:
+    entry: dict = {}
+    if is_topk_wrapped(act):
+        act, entry["topk"] = act[0], act[1].k
+    if isinstance(act, FATReLU) and act.threshold > 0:  # FATReLU(0) is ReLU in value: saved as ReLU
+        return {"act": "fatrelu", "threshold": act.threshold, **entry}
+    if isinstance(act, FATReLU):
+        return {"act": "relu", **entry}
+    return {"act": "relu" if type(act) is nn.ReLU else "model", **entry}
+
+
+def _rebuild(current: nn.Module, entry: dict) -> nn.Module:
+    own = current[0] if is_topk_wrapped(current) else current
+    act = {"relu": nn.ReLU, "fatrelu": lambda: FATReLU(entry["threshold"]), "model": lambda: own}[entry["act"]]()
+    return nn.Sequential(act, TopK(entry["topk"])) if "topk" in entry else act
+
+
+def _plain_build_matches(model: nn.Module, fields: dict[str, str], relu_paths: Iterable[str]) -> bool:
+    """Whether transformers, given ``fields`` in the config, builds ReLU at ``relu_paths`` and every other
+    parameter-free leaf module (the other activations) as ``model`` has it: then a plain ``from_pretrained``
+    reloads the same model. Built on the meta device, so it costs no memory."""
+    config = copy.deepcopy(model.config)
+    for field, value in fields.items():
+        setattr(config, field, value)
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fresh = type(model)(config)
+    except Exception:  # noqa: BLE001 (any failure to build means transformers cannot express it)
+        return False
+    ours, relu_paths = dict(model.named_modules()), set(relu_paths)
+    for name, module in fresh.named_modules():
+        if next(module.children(), None) is not None or next(module.parameters(), None) is not None \
+                or next(module.buffers(), None) is not None:
+            continue
+        mine = ours.get(name)
+        same = type(module) is nn.ReLU if name in relu_paths else \
+            mine is not None and type(mine) is type(module) and mine.extra_repr() == module.extra_repr()
+        if not same:
+            return False
+    return True
+
+
+def _check_record(record: object, source: str) -> dict[str, dict]:
+    """The activations of a record read from ``source``, validated field by field."""
+    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
+        raise ValueError(f"{source}: not a leanformer activation record (expected format {RECORD_FORMAT!r})")
+    if record.get("version") != RECORD_VERSION:
+        raise ValueError(f"{source}: record version {record.get('version')!r} is not supported "
+                         f"(expected {RECORD_VERSION})")
+    activations = record.get("activations")
+    if not isinstance(activations, dict):
+        raise ValueError(f"{source}: 'activations' must be an object of module path -> activation")
+    for path, entry in activations.items():
+        where = f"{source}: activations[{path!r}]"
+        if not isinstance(entry, dict) or entry.get("act") not in ("relu", "fatrelu", "model"):
+            raise ValueError(f"{where}: expected an object with act 'relu', 'fatrelu' or 'model'")
+        threshold = entry.get("threshold")
+        if entry["act"] == "fatrelu" and (not isinstance(threshold, (int, float)) or isinstance(threshold, bool)
+                                          or not math.isfinite(threshold) or threshold < 0):
+            raise ValueError(f"{where}.threshold={threshold!r}: expected a finite number >= 0")
+        topk = entry.get("topk")
+        if "topk" in entry and (not isinstance(topk, int) or isinstance(topk, bool) or topk < 1):
+            raise ValueError(f"{where}.topk={topk!r}: expected an integer >= 1")
+    return activations
+
+
+def _apply(model: nn.Module, activations: dict[str, dict], source: str) -> None:
+    for path, entry in activations.items():
+        parent_name, _, attr = path.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name)
+            current = getattr(parent, attr)
+        except AttributeError as err:
+            raise ValueError(f"{source}: the model has no module {path!r} to set the recorded activation on") \
+                from err
+        setattr(parent, attr, _rebuild(current, entry))
+
+
+def _load_hf(directory: Path) -> nn.Module:
+    import transformers  # imported here: slow to import, and only needed for Hugging Face folders
+
+    config_path = directory / "config.json"
+    try:
+        values = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_path}: not valid JSON ({err})") from err
+    if not isinstance(values, dict) or not isinstance(values.get("model_type"), str):
+        raise ValueError(f"{config_path}: expected a Hugging Face config with a 'model_type'")
+    record = values.get(CONFIG_KEY)
+    activations = _check_record(record, f"{config_path}: {CONFIG_KEY}") if record is not None else {}
+    if record is not None:
+        original = record.get("original")
+        if not isinstance(original, dict):
+            raise ValueError(f"{config_path}: {CONFIG_KEY}.original must be an object of the activation fields")
+        values.update(original)
+    architectures = values.get("architectures") or []
+    cls = getattr(transformers, architectures[0], None) if architectures else None
+    if cls is None:
+        raise ValueError(f"{config_path}: architectures {architectures!r} names no transformers model class")
+    try:
+        config = transformers.AutoConfig.for_model(values.pop("model_type"), **values)
+        model = cls.from_pretrained(str(directory), config=config, local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{directory}: could not load the model: {str(err).splitlines()[0]}") from err
+    _apply(model, activations, str(config_path))
+    sync_hf_config(model)  # the config again says what a plain reload of a copy would need
+    return model
+
+
+def _load_module(path: Path, model: nn.Module) -> nn.Module:
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist: not a folder written by leanformer.save_pretrained")
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+            state = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (a safe_open handle is not iterable)
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+    try:
+        record = json.loads(metadata.get(TRANSFORMS_METADATA_KEY, ""))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: metadata {TRANSFORMS_METADATA_KEY!r} is missing or not JSON") from err
+    activations = _check_record(record, f"{path}: metadata {TRANSFORMS_METADATA_KEY}")
+    _apply(model, activations, str(path))
+    check_state_dict(model, state, repr(str(path)))
+    model.load_state_dict(state)
+    return model
