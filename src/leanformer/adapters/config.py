@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 
 from .._checks import is_int, is_real
@@ -24,8 +25,9 @@ class SMoRAConfig:
     r: ranks of each adapter (its A is r x in, its B out x r). active_r: ranks used per token (k).
     lora_alpha: the output is scaled by lora_alpha / active_r, as LoRA scales by lora_alpha / r.
     lora_dropout: dropout on the adapter's (and router's) input.
-    target_modules: "all-linear" (every nn.Linear but the output layer and ``modules_to_save``), a regex that
-        must match a module's full name, or a tuple of names, each matching a full name or its last components.
+    target_modules: "all-linear" (every nn.Linear and transformers ``Conv1D`` but the output layer and
+        ``modules_to_save``), a regex that must match a module's full name, or a tuple of names, each matching a
+        full name or its last components. Named targets may also be 1x1 ``nn.Conv2d`` (ConvNeXt-style FFNs).
     rank_partition: ranks per expert. 1 is SMoRA (every rank an expert); r/E makes E experts of that many ranks
         each (MoLoRA / LoRA-MoE with top-(active_r / rank_partition) routing); active_r must be a multiple of it.
     bias_update_rate: u of the loss-free balancing rule (DeepSeek-V3): after every training forward each expert's
@@ -125,9 +127,16 @@ def _names(value, field: str, allow_pattern: bool = False) -> str | tuple[str, .
     """A tuple of module names (a list or set is accepted), or, for target_modules, one string: a regex or
     'all-linear'."""
     if isinstance(value, str):
-        if allow_pattern:
+        if not allow_pattern:
+            value = (value,)
+        elif value == ALL_LINEAR:
             return value
-        value = (value,)
+        else:
+            try:
+                re.compile(value)
+            except re.error as err:
+                raise ValueError(f"{field}={value!r}: not a valid regular expression ({err})") from err
+            return value
     if not isinstance(value, (list, tuple, set, frozenset)) or not all(isinstance(v, str) and v for v in value):
         raise ValueError(f"{field}={value!r}: expected module names (strings)"
                          + (", a regex or 'all-linear'" if allow_pattern else ""))

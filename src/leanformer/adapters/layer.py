@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .config import SMoRAConfig
 
 __all__ = ["ForwardEnd", "ForwardStart", "RoutingContext", "SMoRALinear", "attach_root", "dense_adapter",
-           "gather_adapter", "in_backward"]
+           "feature_sizes", "gather_adapter", "in_backward", "layer_kind"]
 
 
 class RoutingContext:
@@ -88,20 +88,52 @@ def in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-class SMoRALinear(nn.Module):
-    """``base_layer(x)`` plus the routed adapter; the base layer is frozen, A/B/router trainable."""
+def layer_kind(layer: nn.Module) -> str | None:
+    """Which kind of layer SMoRA can wrap ``layer`` is: "linear", "conv1d" (transformers' ``Conv1D`` of GPT-2 and
+    its descendants, y = x W + b with W stored (in, out)) or "conv1x1" (a 1x1 ``nn.Conv2d``, a Linear over the
+    channels of an NCHW map); None if it cannot."""
+    if isinstance(layer, nn.Linear):
+        return "linear"
+    if type(layer).__name__ == "Conv1D" and isinstance(getattr(layer, "weight", None), torch.Tensor) \
+            and layer.weight.dim() == 2:
+        return "conv1d"
+    if isinstance(layer, nn.Conv2d) and layer.kernel_size == (1, 1) and layer.stride == (1, 1) \
+            and layer.dilation == (1, 1) and layer.groups == 1 and layer.padding in ((0, 0), "valid", "same"):
+        return "conv1x1"
+    return None
 
-    def __init__(self, base_layer: nn.Linear, config: SMoRAConfig, context: RoutingContext | None = None,
+
+def feature_sizes(layer: nn.Module) -> tuple[int, int]:
+    """(in, out) features of a layer SMoRA can wrap; TypeError naming the layer type for any other."""
+    kind = layer_kind(layer)
+    if kind == "linear":
+        return layer.in_features, layer.out_features
+    if kind == "conv1d":
+        return tuple(layer.weight.shape)
+    if kind == "conv1x1":
+        return layer.in_channels, layer.out_channels
+    detail = (f" with kernel {layer.kernel_size}, stride {layer.stride}, groups {layer.groups}"
+              if isinstance(layer, nn.Conv2d) else "")
+    raise TypeError(f"{type(layer).__name__}{detail} is not supported by SMoRA: it wraps nn.Linear, transformers' "
+                    "Conv1D and 1x1 nn.Conv2d (stride 1, one group)")
+
+
+class SMoRALinear(nn.Module):
+    """``base_layer(x)`` plus the routed adapter; the base layer (nn.Linear, Conv1D or 1x1 Conv2d, see
+    `layer_kind`) is frozen, A/B/router trainable."""
+
+    def __init__(self, base_layer: nn.Module, config: SMoRAConfig, context: RoutingContext | None = None,
                  compute: str = "gather"):
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"SMoRALinear wraps an nn.Linear, got {type(base_layer).__name__}")
+        in_features, out_features = feature_sizes(base_layer)
+        self._channels_first = layer_kind(base_layer) == "conv1x1"
         self.base_layer = base_layer.requires_grad_(False)
         self.config = config
         factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
-        self.lora_A = nn.Linear(base_layer.in_features, config.r, bias=False, **factory)
-        self.lora_B = nn.Linear(config.r, base_layer.out_features, bias=False, **factory)
-        self.lora_router = nn.Linear(base_layer.in_features, config.experts, bias=False, **factory)
+        self.in_features, self.out_features = in_features, out_features
+        self.lora_A = nn.Linear(in_features, config.r, bias=False, **factory)
+        self.lora_B = nn.Linear(config.r, out_features, bias=False, **factory)
+        self.lora_router = nn.Linear(in_features, config.experts, bias=False, **factory)
         self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         # moved by the balancing rule, not by gradients; saved with the adapter
         self.register_buffer("lora_biases", torch.zeros(config.experts, **factory))
@@ -125,14 +157,6 @@ class SMoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
         nn.init.kaiming_uniform_(self.lora_router.weight, a=math.sqrt(5))
         self.lora_biases.zero_()
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
 
     @property
     def weight(self) -> torch.Tensor:
@@ -162,6 +186,8 @@ class SMoRALinear(nn.Module):
         out = self.base_layer(x)
         if self.context.disabled:
             return out
+        if self._channels_first:  # NCHW: the channels are the features of every pixel
+            x = x.movedim(1, -1)
         tokens = self.lora_dropout(x.reshape(-1, self.in_features))
         # A x for every rank and the router's logits in one product: both read the same input
         both = F.linear(tokens, torch.cat((self.lora_A.weight, self.lora_router.weight)))
@@ -169,7 +195,8 @@ class SMoRALinear(nn.Module):
         ranks, gates = self.route(router_logits)
         adapter = gather_adapter if self.compute == "gather" else dense_adapter
         delta = adapter(h, self.lora_B.weight, ranks, gates * self.config.scaling)  # scaled while still (tokens, k)
-        return out + delta.reshape(out.shape).to(out.dtype)
+        delta = delta.reshape(*x.shape[:-1], self.out_features)
+        return out + (delta.movedim(-1, 1) if self._channels_first else delta).to(out.dtype)
 
     def merge(self) -> None:
         raise RuntimeError("a SMoRA adapter cannot be merged into the base weight: which ranks act depends on each "

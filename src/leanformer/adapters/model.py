@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from .._timing import time_interleaved
 from .config import ALL_LINEAR, SMoRAConfig
-from .layer import RoutingContext, SMoRALinear, attach_root, dense_adapter, gather_adapter
+from .layer import RoutingContext, SMoRALinear, attach_root, dense_adapter, feature_sizes, gather_adapter, layer_kind
 
 __all__ = ["add_smora", "choose_compute", "disable_adapters", "routing_report", "smora_layers", "target_names"]
 
@@ -26,18 +26,30 @@ def smora_layers(model: nn.Module) -> dict[str, SMoRALinear]:
 
 
 def target_names(model: nn.Module, config: SMoRAConfig) -> list[str]:
-    """Names of the nn.Linear modules ``config.target_modules`` selects (before any is wrapped); never one inside
-    ``modules_to_save``, which trains in full."""
-    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name]
-    saved = [name for name, _ in model.named_modules() if name and _matches(name, config.modules_to_save)]
-    inside_saved = lambda n: any(n == s or n.startswith(s + ".") for s in saved)
+    """Names of the layers ``config.target_modules`` selects (before any is wrapped): nn.Linear, Conv1D and, when
+    named, 1x1 Conv2d (see `layer_kind`). Never one inside ``modules_to_save``, which trains in full, nor one
+    inside a layer that already wraps a ``base_layer`` (a PEFT LoRA layer: its lora_A/lora_B and base layer
+    belong to that adapter). A named layer SMoRA cannot wrap raises ValueError saying which type it is."""
+    modules = dict(model.named_modules())
+    skipped = [name for name, m in modules.items() if name and (_matches(name, config.modules_to_save)
+                                                                 or isinstance(getattr(m, "base_layer", None),
+                                                                               nn.Module))]
+    inside = lambda n: any(n == s or n.startswith(s + ".") for s in skipped)
     if config.target_modules == ALL_LINEAR:
-        chosen = [n for n in linears if not set(n.split(".")) & set(_OUTPUT_LAYER_NAMES)]
-    elif isinstance(config.target_modules, str):
-        chosen = [n for n in linears if re.fullmatch(config.target_modules, n)]
+        return [n for n, m in modules.items() if n and not inside(n) and layer_kind(m) in ("linear", "conv1d")
+                and not set(n.split(".")) & set(_OUTPUT_LAYER_NAMES)]
+    if isinstance(config.target_modules, str):
+        matched = [n for n in modules if n and re.fullmatch(config.target_modules, n)]
     else:
-        chosen = [n for n in linears if _matches(n, config.target_modules)]
-    return [n for n in chosen if not inside_saved(n)]
+        matched = [n for n in modules if n and _matches(n, config.target_modules)]
+    leaves = [n for n in matched if not inside(n) and _is_layer(modules[n])]
+    unsupported = [n for n in leaves if layer_kind(modules[n]) is None]
+    if unsupported:
+        try:
+            feature_sizes(modules[unsupported[0]])
+        except TypeError as err:
+            raise ValueError(f"target_modules={config.target_modules!r} selects {unsupported[:3]}: {err}") from err
+    return leaves
 
 
 def add_smora(model: nn.Module, config: SMoRAConfig) -> nn.Module:
@@ -50,8 +62,8 @@ def add_smora(model: nn.Module, config: SMoRAConfig) -> nn.Module:
         raise ValueError(f"{type(model).__name__} already has SMoRA adapters; one adapter per model is supported")
     names = target_names(model, config)
     if not names:
-        raise ValueError(f"target_modules={config.target_modules!r} matches no nn.Linear of "
-                         f"{type(model).__name__}; its Linears are e.g. {_some_linears(model)}")
+        raise ValueError(f"target_modules={config.target_modules!r} matches no nn.Linear (nor Conv1D or 1x1 "
+                         f"Conv2d) of {type(model).__name__}; its layers are e.g. {_some_layers(model)}")
     missing = [n for n in config.modules_to_save if not any(_matches(m, (n,)) for m, _ in model.named_modules())]
     if missing:
         raise ValueError(f"modules_to_save {missing}: no such module in {type(model).__name__}")
@@ -62,8 +74,9 @@ def add_smora(model: nn.Module, config: SMoRAConfig) -> nn.Module:
         parent, attr = _parent(model, name)
         base = getattr(parent, attr)
         if config.compute == "auto":
-            key = (base.out_features, base.weight.dtype, base.weight.device)
-            paths.setdefault(key, choose_compute(base.out_features, config, dtype=base.weight.dtype,
+            out_features = feature_sizes(base)[1]
+            key = (out_features, base.weight.dtype, base.weight.device)
+            paths.setdefault(key, choose_compute(out_features, config, dtype=base.weight.dtype,
                                                  device=base.weight.device))
             compute = paths[key]
         else:
@@ -135,5 +148,10 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent) if parent else model), attr
 
 
-def _some_linears(model: nn.Module, count: int = 5) -> list[str]:
-    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)][:count]
+def _some_layers(model: nn.Module, count: int = 5) -> list[str]:
+    return [name for name, m in model.named_modules() if layer_kind(m) is not None][:count]
+
+
+def _is_layer(module: nn.Module) -> bool:
+    """A leaf module with weights of its own (a layer, not a container, activation or dropout)."""
+    return next(module.children(), None) is None and next(module.parameters(recurse=False), None) is not None

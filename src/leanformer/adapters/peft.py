@@ -21,13 +21,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .._io import atomic_write, write_json_atomic
-from .config import SMoRAConfig
+from .config import PEFT_TYPE, SMoRAConfig
+from .layer import feature_sizes
 from .model import _matches, add_smora, smora_layers, target_names
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "adapter_state_dict", "load_adapter", "read_adapter_config", "save_adapter"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+README_NAME = "README.md"
 _PREFIX = "base_model.model."
 _ADAPTER_TENSORS = ("lora_A.weight", "lora_B.weight", "lora_router.weight", "lora_biases")
 
@@ -57,7 +59,34 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_pat
     config = next(iter(smora_layers(model).values())).config
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     write_json_atomic(directory / CONFIG_NAME, config.to_peft_dict(base_model_name_or_path))
+    readme = _readme(config, base_model_name_or_path, len(smora_layers(model)))
+    atomic_write(directory / README_NAME, lambda tmp: Path(tmp).write_text(readme))
     return directory
+
+
+def _readme(config: SMoRAConfig, base_model_name_or_path: str | None, layers: int) -> str:
+    """What a person (or PEFT's user) who finds the folder needs: what it is and how to load it. PEFT writes a
+    README.md into its adapter folders too; PEFT itself cannot load this one."""
+    base = f"`{base_model_name_or_path}`" if base_model_name_or_path else "the base model it was trained on"
+    targets = config.target_modules if isinstance(config.target_modules, str) else ", ".join(config.target_modules)
+    return f"""# SMoRA adapter (leanformer)
+
+A rank-wise mixture-of-experts LoRA (SMoRA, Zhao et al. 2025) on {layers} layers of {base}, written by
+leanformer in PEFT's file layout: `{CONFIG_NAME}` (peft_type `{PEFT_TYPE}`) and `{WEIGHTS_NAME}`.
+
+PEFT cannot load it (`PeftModel.from_pretrained` fails with `KeyError: '{PEFT_TYPE}'`: PEFT has no SMoRA type).
+Load it with leanformer into the same base model:
+
+```python
+import leanformer
+
+model = ...  # {base}, built or loaded as for training
+leanformer.load_adapter(model, "path/to/this/folder")
+```
+
+Settings: r={config.r}, active_r={config.active_r}, lora_alpha={config.lora_alpha}, target_modules={targets},
+modules_to_save={", ".join(config.modules_to_save) or "none"}, gate_scores={config.gate_scores}.
+"""
 
 
 def read_adapter_config(directory: str | Path) -> SMoRAConfig:
@@ -108,10 +137,10 @@ def _expected_shapes(model: nn.Module, config: SMoRAConfig) -> dict[str, tuple[i
     modules = dict(model.named_modules())
     shapes = {}
     for name in target_names(model, config):
-        base = modules[name]
-        shapes.update({f"{_PREFIX}{name}.lora_A.weight": (config.r, base.in_features),
-                       f"{_PREFIX}{name}.lora_B.weight": (base.out_features, config.r),
-                       f"{_PREFIX}{name}.lora_router.weight": (config.experts, base.in_features),
+        in_features, out_features = feature_sizes(modules[name])
+        shapes.update({f"{_PREFIX}{name}.lora_A.weight": (config.r, in_features),
+                       f"{_PREFIX}{name}.lora_B.weight": (out_features, config.r),
+                       f"{_PREFIX}{name}.lora_router.weight": (config.experts, in_features),
                        f"{_PREFIX}{name}.lora_biases": (config.experts,)})
     for name, module in modules.items():
         if name and _matches(name, config.modules_to_save):
