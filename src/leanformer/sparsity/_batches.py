@@ -31,8 +31,9 @@ class ModelCall:
     kwargs: dict
     targets: Any = None
 
-    def run(self, model: torch.nn.Module) -> Any:
-        return model(*self.args, **self.kwargs)
+    def run(self, model: torch.nn.Module, **extra: Any) -> Any:
+        """The model call, with ``extra`` keyword arguments (e.g. ``labels``, ``use_cache``) added."""
+        return model(*self.args, **self.kwargs, **extra)
 
     def padding_mask(self, key: str | None) -> torch.Tensor | None:
         """The bool (nonzero = token) mask under keyword ``key`` (HF's ``attention_mask``), or None if absent."""

@@ -18,6 +18,7 @@ causal LMs, classification cross-entropy for image backbones; other models pass 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import sys
 import time
@@ -40,14 +41,14 @@ from ..train.checkpoint import (
 )
 from ..train.config import config_from_dict
 from ..train.optim import build_optimizer, check_optimizer_settings, lr_at, set_lr
-from ._batches import split_pair, to_device
+from ._batches import split_batch, split_pair, to_device
 from .activations import relufy
 from .ffn import FFNSpec
 from .measure import SparsityReport, measure_sparsity
 from .regularize import NORMALIZATIONS, PROSPARSE_7B, ProSparseSchedule, SparsityRegularizer
 
-__all__ = ["TASK_LOSSES", "ProSparseConfig", "ProSparseResult", "causal_lm_loss", "classification_loss", "prosparse",
-           "task_loss_for"]
+__all__ = ["TASK_LOSSES", "ProSparseConfig", "ProSparseResult", "causal_lm_loss", "classification_loss", "model_loss",
+           "prosparse", "task_loss_for"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 TaskLoss = Callable[[nn.Module, Batch], torch.Tensor]
@@ -58,36 +59,65 @@ _7B_REGULARIZATION = tuple((end - _7B_RELU_STEPS, lam) for end, lam in PROSPARSE
 
 
 def causal_lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Mean next-token cross-entropy of a Hugging Face causal LM; batch = (input ids, target ids), both (B, L)."""
-    inputs, targets = batch
-    logits = model(input_ids=inputs, use_cache=False).logits
-    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten())
+    """Mean next-token cross-entropy of a Hugging Face causal LM; batch = (input ids or a dict of keyword inputs,
+    target ids (B, L) already shifted, as `lm_batches` gives them; -100 is ignored)."""
+    call = split_batch(batch)
+    logits = call.run(model, use_cache=False).logits
+    return F.cross_entropy(logits.flatten(0, -2).float(), call.targets.flatten())
 
 
 def classification_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Mean cross-entropy of an image classifier returning logits; batch = (images, labels)."""
-    images, labels = batch
-    return F.cross_entropy(model(images), labels)
+    call = split_batch(batch)
+    return F.cross_entropy(call.run(model), call.targets)
 
 
-# model class name -> its task loss; the models whose FFNs `find_ffns` knows
+def model_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The loss the model computes itself from ``labels`` (every Hugging Face task model: masked LM, sequence or
+    image classification, seq2seq); batch = (inputs, labels), the labels as that model expects them."""
+    call = split_batch(batch)
+    output = call.run(model, labels=call.targets)
+    loss = getattr(output, "loss", None)
+    if loss is None:
+        raise ValueError(f"{type(model).__name__} returned no loss for the labels; pass loss_fn=f where "
+                         "f(model, (inputs, targets)) returns the mean loss")
+    return loss
+
+
+# model class name -> its task loss, for models that compute none themselves (see `task_loss_for` for the rest)
 TASK_LOSSES: dict[str, TaskLoss] = {
-    "LlamaForCausalLM": causal_lm_loss,
-    "MistralForCausalLM": causal_lm_loss,
-    "Qwen2ForCausalLM": causal_lm_loss,
     "SwinTransformer": classification_loss,  # ours and timm's
     "MSMLP": classification_loss,
     "VisionTransformer": classification_loss,  # timm
 }
 
 
-def task_loss_for(model: nn.Module) -> TaskLoss:
-    """The loss `TASK_LOSSES` gives ``model``'s class; ValueError naming the known classes otherwise."""
+def _is_causal_lm(model: nn.Module) -> bool:
+    """A Hugging Face causal LM (LlamaForCausalLM, GPT2LMHeadModel, ...): its own loss would shift the targets
+    that `lm_batches` already shifted, so `causal_lm_loss` is used instead."""
     name = type(model).__name__
-    if name not in TASK_LOSSES:
-        raise ValueError(f"no task loss known for {name}: known model classes are {sorted(TASK_LOSSES)}; pass "
-                         "loss_fn=f where f(model, (inputs, targets)) returns the mean loss")
-    return TASK_LOSSES[name]
+    if name.endswith("ForCausalLM"):
+        return True
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:
+        return False
+    return name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+def task_loss_for(model: nn.Module) -> TaskLoss:
+    """``model``'s task loss: `TASK_LOSSES` by class; for any Hugging Face causal LM next-token cross-entropy
+    on shifted targets (`causal_lm_loss`); for any other model whose forward takes ``labels``, its own loss
+    (`model_loss`). ValueError naming what is known otherwise."""
+    name = type(model).__name__
+    if name in TASK_LOSSES:
+        return TASK_LOSSES[name]
+    if _is_causal_lm(model):
+        return causal_lm_loss
+    if "labels" in inspect.signature(model.forward).parameters:
+        return model_loss
+    raise ValueError(f"no task loss known for {name}: it takes no labels and is none of {sorted(TASK_LOSSES)}; "
+                     "pass loss_fn=f where f(model, (inputs, targets)) returns the mean loss")
 
 
 @dataclass(frozen=True)
