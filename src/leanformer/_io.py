@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -42,11 +43,33 @@ def write_files_atomic(folder: str | os.PathLike, write: Callable[[str], None]) 
             os.replace(path, folder / path.name)
 
 
+def standard_json(payload):
+    """A copy of ``payload`` that standard JSON can hold: non-finite floats (NaN, +-inf) become None, tuples lists.
+
+    Python's json writes NaN and Infinity bare by default, which other JSON readers refuse; a missing value
+    (a loss that diverged, a perplexity too large to be a float) is written as null instead.
+    """
+    if isinstance(payload, float):
+        return payload if math.isfinite(payload) else None
+    if isinstance(payload, dict):
+        return {key: standard_json(value) for key, value in payload.items()}
+    if isinstance(payload, (list, tuple)):
+        return [standard_json(value) for value in payload]
+    return payload
+
+
+def dumps_json(payload, indent: int | None = 2) -> str:
+    """``payload`` as standard JSON text (see `standard_json`); anything else JSON cannot hold raises TypeError."""
+    return json.dumps(standard_json(payload), indent=indent, allow_nan=False)
+
+
 def write_json_atomic(path: str | os.PathLike, payload) -> None:
+    """Write ``payload`` to ``path`` as standard JSON (`dumps_json`), atomically."""
+    text = dumps_json(payload) + "\n"
+
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
+            f.write(text)
 
     atomic_write(path, write)
 

@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 
@@ -61,3 +62,41 @@ def test_sampler_shards_cover_the_same_global_batches():
         ShardedEpochSampler(10, 5, world_size=2)
     evaluation = [list(ShardedEpochSampler(7, 4, r, 2, shuffle=False, drop_last=False)) for r in range(2)]
     assert sorted(evaluation[0] + evaluation[1]) == list(range(7))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [(dict(lr=math.nan), "lr=nan"), (dict(lr=True), "lr=True"), (dict(lr=math.inf), "lr=inf"),
+     (dict(min_lr=math.nan), "min_lr=nan"), (dict(weight_decay=math.inf), "weight_decay=inf"),
+     (dict(label_smoothing=math.nan), "label_smoothing=nan"), (dict(clip_grad=math.inf), "clip_grad=inf"),
+     (dict(clip_grad=True), "clip_grad=True"), (dict(warmup_epochs=math.inf), "warmup_epochs=inf"),
+     (dict(val_fraction=math.nan), "val_fraction=nan"), (dict(epochs=True), "epochs=True"),
+     (dict(seed=1.5), "seed=1.5"), (dict(img_size=True), "img_size=True"), (dict(model_kwargs=[1]), "model_kwargs"),
+     (dict(model=3), "model=3")],
+)
+def test_config_refuses_non_finite_and_non_numbers(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TrainConfig(**kwargs)
+
+
+def test_one_number_check_for_every_run_config():
+    from leanformer.sparsity.prosparse import ProSparseConfig
+    from leanformer.train.multitask import FinetuneConfig
+
+    for config in (TrainConfig, ProSparseConfig, FinetuneConfig):
+        for name, value in (("lr", math.nan), ("weight_decay", math.inf), ("clip_grad", math.inf), ("lr", True)):
+            with pytest.raises(ValueError, match=f"{name}={value!r}: expected a finite number"):
+                config(**{name: value})
+
+
+def test_check_real_names_the_field_and_the_range():
+    from leanformer._checks import check_int, check_real
+
+    assert check_real("x", 0.5, minimum=0, maximum=1) == 0.5
+    with pytest.raises(ValueError, match=re.escape("x=1.0: expected a finite number in [0, 1)")):
+        check_real("x", 1.0, minimum=0, maximum=1, max_open=True)
+    with pytest.raises(ValueError, match=re.escape("x=0: expected a finite number > 0 or None (off)")):
+        check_real("x", 0, minimum=0, min_open=True, none="off")
+    assert check_real("x", None, minimum=0, none="off") is None
+    with pytest.raises(ValueError, match=re.escape("n=True: expected an integer >= 1")):
+        check_int("n", True, minimum=1)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from .._checks import check_int, check_real
+from .optim import check_optimizer_settings
+
 DEFAULT_MODEL = "swin_nano_patch2_window4_32"
 COMPRESS_CHOICES = ("none", "int8", "int4", "int2")
 
@@ -35,31 +38,22 @@ class TrainConfig:
     model_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        positive_int = ("epochs", "batch_size")
-        for name in positive_int:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r}: expected a positive integer")
-        for name in ("lr", "min_lr", "weight_decay", "warmup_epochs", "label_smoothing"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{name}={value!r}: expected a number >= 0")
-        if self.lr == 0:
-            raise ValueError("lr=0: expected a positive learning rate")
-        if self.min_lr > self.lr:
-            raise ValueError(f"min_lr={self.min_lr}: expected at most lr={self.lr}")
-        if self.label_smoothing >= 1:
-            raise ValueError(f"label_smoothing={self.label_smoothing}: expected a number in [0, 1)")
-        if self.clip_grad is not None and self.clip_grad <= 0:
-            raise ValueError(f"clip_grad={self.clip_grad}: expected a positive number or None (no clipping)")
-        if self.img_size is not None and (not isinstance(self.img_size, int) or self.img_size < 1):
-            raise ValueError(f"img_size={self.img_size!r}: expected a positive integer or None (the data's size)")
-        if not 0 < self.val_fraction < 1:
-            raise ValueError(f"val_fraction={self.val_fraction}: expected a number strictly between 0 and 1")
+        for name in ("model", "data"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected a string")
+        check_int("epochs", self.epochs, minimum=1)
+        check_int("batch_size", self.batch_size, minimum=1)
+        check_optimizer_settings(self.lr, self.min_lr, self.weight_decay, self.clip_grad)
+        check_real("warmup_epochs", self.warmup_epochs, minimum=0)
+        check_real("label_smoothing", self.label_smoothing, minimum=0, maximum=1, max_open=True)
+        check_int("img_size", self.img_size, minimum=1, none="the data's size")
+        check_real("val_fraction", self.val_fraction, minimum=0, maximum=1, min_open=True, max_open=True)
+        check_int("seed", self.seed)
+        check_int("workers", self.workers, minimum=0)
         if self.compress not in COMPRESS_CHOICES:
             raise ValueError(f"compress={self.compress!r}: expected one of {', '.join(COMPRESS_CHOICES)}")
-        if not isinstance(self.workers, int) or self.workers < 0:
-            raise ValueError(f"workers={self.workers!r}: expected an integer >= 0")
+        if not isinstance(self.model_kwargs, dict):
+            raise ValueError(f"model_kwargs={self.model_kwargs!r}: expected a dict of constructor arguments")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

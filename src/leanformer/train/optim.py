@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .._checks import is_real
+from .._checks import check_real
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -29,17 +29,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def check_optimizer_settings(lr: float, min_lr: float, weight_decay: float, clip_grad: float | None) -> None:
-    """ValueError naming the field unless lr > 0, 0 <= min_lr <= lr, weight_decay >= 0 (all finite) and clip_grad is
-    positive or None: the AdamW + cosine settings the run configs share."""
-    for name, value in (("lr", lr), ("min_lr", min_lr), ("weight_decay", weight_decay)):
-        if not is_real(value) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name}={value!r}: expected a finite number >= 0")
-    if lr == 0:
-        raise ValueError("lr=0: expected a positive learning rate")
+    """ValueError naming the field unless lr > 0, 0 <= min_lr <= lr, weight_decay >= 0 and clip_grad > 0 or None,
+    all finite real numbers (not bools): the AdamW + cosine settings every run config shares."""
+    check_real("lr", lr, minimum=0, min_open=True)
+    check_real("min_lr", min_lr, minimum=0)
+    check_real("weight_decay", weight_decay, minimum=0)
+    check_real("clip_grad", clip_grad, minimum=0, min_open=True, none="no clipping")
     if min_lr > lr:
         raise ValueError(f"min_lr={min_lr}: expected at most lr={lr}")
-    if clip_grad is not None and (not is_real(clip_grad) or not clip_grad > 0):
-        raise ValueError(f"clip_grad={clip_grad!r}: expected a positive number or None (no clipping)")
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
