@@ -39,12 +39,17 @@ def is_model(name: str) -> bool:
     return name in _entrypoints
 
 
+def model_entrypoint(name: str) -> Callable[..., nn.Module]:
+    """The entrypoint registered as `name` (KeyError if none)."""
+    return _entrypoints[name]
+
+
 def create_model(
     name: str,
     pretrained: bool = False,
     checkpoint_path: str | PathLike | None = None,
     features_only: bool = False,
-    out_indices: Sequence[int] | None = None,
+    out_indices: int | Sequence[int] | None = None,
     **kwargs,
 ) -> nn.Module:
     """Build a registered variant; `kwargs` override any constructor argument.
@@ -53,7 +58,9 @@ def create_model(
     family's `checkpoint_filter_fn` understands (ours, timm's, the official code's); mismatches
     raise `ValueError` naming the keys. `pretrained=True` is refused: there is no download, pass
     `checkpoint_path`. `features_only=True` returns a module whose forward gives the NCHW maps of
-    the stages in `out_indices` (default all), as timm's `features_only` does.
+    the stages in `out_indices` (default all; an int n: the last n), as timm's `features_only` does.
+    Every model carries `pretrained_cfg` (timm's: input size, mean/std, crop, interpolation) for the
+    model as built, so `timm.data.resolve_model_data_config(model)` gives the right preprocessing.
     """
     if name not in _entrypoints:
         close = [n for n in list_models() if n.startswith(name)][:3]

@@ -19,7 +19,8 @@ so reference checkpoints load as they are. What this file adds over the referenc
 - activations stay NHWC between blocks (convs see a channels-last view), so no layout copies;
 - any input size: the image is padded to the patch size and odd maps before each downsampling;
 - timm's model API: `forward_features`/`forward_head`/`forward_intermediates`, `feature_info`,
-  gradient checkpointing, and registration with timm when it is installed;
+  `pretrained_cfg`, gradient checkpointing, and registration with timm when it is installed
+  (`timm.create_model("msmlp_tiny", features_only=True)` works);
 - `flops()` counting a k x k depthwise conv as k*k MACs per output element (the reference counts k).
 """
 
@@ -33,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ._features import stage_indices
+from ._features import FeatureInfo, stage_indices
 from ._layers import (
     DropPath,
     check_image_batch,
@@ -42,7 +43,9 @@ from ._layers import (
     pad_to_multiple_nhwc,
 )
 from ._linear import Linear
+from ._pretrained import build_variant, make_cfg
 from ._registry import register_model
+from ._timm import register_with_timm
 
 __all__ = ["MSMLP", "MixShiftBlock", "checkpoint_filter_fn", "msmlp_base", "msmlp_small", "msmlp_tiny"]
 
@@ -229,10 +232,10 @@ class MSMLP(nn.Module):
                        downsample=i < len(depths) - 1)
             for i, depth in enumerate(depths)
         )
-        self.feature_info = [
+        self.feature_info = FeatureInfo([
             {"num_chs": dims[i], "reduction": patch_size * 2**i, "module": f"layers.{i}.blocks"}
             for i in range(len(depths))
-        ]
+        ])
         self.norm = nn.LayerNorm(self.num_features, eps=_LN_EPS)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
@@ -395,53 +398,32 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: MSMLP) -> d
     return out
 
 
-def _create_msmlp(defaults: dict, kwargs: dict) -> MSMLP:
-    return MSMLP(**{**defaults, **kwargs})
+# The reference evaluates as the Swin code base it builds on: bicubic resize to 256, centre crop 224
+# (crop_pct 0.875), ImageNet mean/std; the classifier is `head` (reference layout).
+default_cfgs = {name: make_cfg(crop_pct=0.875, classifier="head")
+                for name in ("msmlp_tiny", "msmlp_small", "msmlp_base")}
+
+
+def _create_msmlp(variant: str, defaults: dict, kwargs: dict) -> MSMLP:
+    return build_variant(MSMLP, variant, default_cfgs[variant], {**defaults, **kwargs})
 
 
 @register_model
 def msmlp_tiny(**kwargs) -> MSMLP:
     """MS-MLP-T: 28.7M params, ImageNet-1K top-1 82.1 (reference)."""
-    return _create_msmlp(dict(embed_dim=96, depths=(3, 3, 9, 3), drop_path_rate=0.1), kwargs)
+    return _create_msmlp("msmlp_tiny", dict(embed_dim=96, depths=(3, 3, 9, 3), drop_path_rate=0.1), kwargs)
 
 
 @register_model
 def msmlp_small(**kwargs) -> MSMLP:
     """MS-MLP-S: 50.3M params, top-1 83.4."""
-    return _create_msmlp(dict(embed_dim=96, depths=(3, 3, 27, 3), drop_path_rate=0.4), kwargs)
+    return _create_msmlp("msmlp_small", dict(embed_dim=96, depths=(3, 3, 27, 3), drop_path_rate=0.4), kwargs)
 
 
 @register_model
 def msmlp_base(**kwargs) -> MSMLP:
     """MS-MLP-B: 88.7M params, top-1 83.8."""
-    return _create_msmlp(dict(embed_dim=128, depths=(3, 3, 27, 3), drop_path_rate=0.5), kwargs)
+    return _create_msmlp("msmlp_base", dict(embed_dim=128, depths=(3, 3, 27, 3), drop_path_rate=0.5), kwargs)
 
 
-def _timm_entrypoint(fn):
-    """Wrap an entrypoint for timm: accept (and refuse or drop) the arguments timm.create_model adds."""
-
-    def entrypoint(pretrained: bool = False, **kwargs) -> MSMLP:
-        if pretrained:
-            raise ValueError(f"{fn.__name__}: pretrained=True is not supported; load a local checkpoint")
-        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-            kwargs.pop(key, None)
-        return fn(**kwargs)
-
-    entrypoint.__name__ = entrypoint.__qualname__ = fn.__name__
-    entrypoint.__module__ = fn.__module__
-    entrypoint.__doc__ = fn.__doc__
-    return entrypoint
-
-
-def _register_with_timm() -> None:
-    """Make `timm.create_model("msmlp_tiny")` work; never replaces a name timm already knows."""
-    try:
-        import timm.models as timm_models
-    except ImportError:
-        return
-    for fn in (msmlp_tiny, msmlp_small, msmlp_base):
-        if not timm_models.is_model(fn.__name__):
-            timm_models.register_model(_timm_entrypoint(fn))
-
-
-_register_with_timm()
+register_with_timm(__name__)

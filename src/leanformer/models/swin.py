@@ -14,7 +14,9 @@ translates the official layout. What this file adds over both anchors:
 - relative position bias and shift mask are added in one tensor, attention runs through
   `F.scaled_dot_product_attention`;
 - `forward_intermediates`/`features_only` NCHW maps, gradient checkpointing, a FLOP counter that
-  reproduces the official `flops()` at the official sizes and stays right at any other size.
+  reproduces the official `flops()` at the official sizes and stays right at any other size;
+- `pretrained_cfg` on every model; `swin_nano_patch2_window4_32` (a name timm lacks) is also
+  registered with timm, the other names stay timm's own.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ._features import stage_indices
+from ._features import FeatureInfo, stage_indices
 from ._layers import (
     DropPath,
     Mlp,
@@ -39,7 +41,9 @@ from ._layers import (
     pad_to_multiple_nhwc,
 )
 from ._linear import Linear
+from ._pretrained import build_variant, make_cfg
 from ._registry import register_model
+from ._timm import register_with_timm
 
 __all__ = ["SwinTransformer", "checkpoint_filter_fn"]
 
@@ -296,13 +300,14 @@ class SwinTransformer(nn.Module):
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         rates = linear_drop_path_rates(drop_path_rate, list(depths))
         resolution = math.ceil(img_size / patch_size)
-        stages, self.feature_info = [], []
+        stages, info = [], []
         for i, depth in enumerate(depths):
             if i > 0:
                 resolution = math.ceil(resolution / 2)
             stages.append(SwinStage(dims[max(i - 1, 0)], dims[i], depth, num_heads[i], window_size, resolution,
                                     i > 0, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, rates[i]))
-            self.feature_info.append({"num_chs": dims[i], "reduction": patch_size * 2**i, "module": f"layers.{i}"})
+            info.append({"num_chs": dims[i], "reduction": patch_size * 2**i, "module": f"layers.{i}"})
+        self.feature_info = FeatureInfo(info)
         self.layers = nn.Sequential(*stages)
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Module()
@@ -443,53 +448,73 @@ def _resize_bias_table(table: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return grid.reshape(-1, dst * dst).T.contiguous().to(table.dtype)
 
 
-def _create_swin(defaults: dict, kwargs: dict) -> SwinTransformer:
-    return SwinTransformer(**{**defaults, **kwargs})
+# swin_nano is `leanformer train`'s model for the embedded digits: the data pipeline scales them to [0, 1],
+# resizes bilinearly without cropping and standardises with the train split's statistics (default split:
+# seed 0, val_fraction 0.2; asserted in tests). The others follow timm's cfgs of the same variants.
+_DIGITS_MEAN, _DIGITS_STD = 0.3059, 0.3765
+default_cfgs = {
+    "swin_nano_patch2_window4_32": make_cfg(input_size=(3, 32, 32), interpolation="bilinear", crop_pct=1.0,
+                                            mean=(_DIGITS_MEAN,) * 3, std=(_DIGITS_STD,) * 3),
+    "swin_tiny_patch4_window7_224": make_cfg(),
+    "swin_small_patch4_window7_224": make_cfg(),
+    "swin_base_patch4_window7_224": make_cfg(),
+    "swin_base_patch4_window12_384": make_cfg(input_size=(3, 384, 384), crop_pct=1.0),
+    "swin_large_patch4_window7_224": make_cfg(),
+    "swin_large_patch4_window12_384": make_cfg(input_size=(3, 384, 384), crop_pct=1.0),
+}
+
+
+def _create_swin(variant: str, defaults: dict, kwargs: dict) -> SwinTransformer:
+    return build_variant(SwinTransformer, variant, default_cfgs[variant], {**defaults, **kwargs})
 
 
 @register_model
 def swin_nano_patch2_window4_32(**kwargs) -> SwinTransformer:
     """A compact Swin for small images (32px, 2px patches, 4x4 windows): `leanformer train`'s default."""
-    return _create_swin(dict(img_size=32, patch_size=2, embed_dim=48, depths=(2, 2, 2), num_heads=(3, 6, 12),
-                             window_size=4, drop_path_rate=0.1), kwargs)
+    return _create_swin("swin_nano_patch2_window4_32", dict(img_size=32, patch_size=2, embed_dim=48, depths=(2, 2, 2),
+                        num_heads=(3, 6, 12), window_size=4, drop_path_rate=0.1), kwargs)
 
 
 @register_model
 def swin_tiny_patch4_window7_224(**kwargs) -> SwinTransformer:
     """Swin-T: 28.3M params, 4.5 GMACs, ImageNet-1K top-1 81.2 (official)."""
-    return _create_swin(dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2), kwargs)
+    return _create_swin("swin_tiny_patch4_window7_224", dict(embed_dim=96, depths=(2, 2, 6, 2),
+                        num_heads=(3, 6, 12, 24), drop_path_rate=0.2), kwargs)
 
 
 @register_model
 def swin_small_patch4_window7_224(**kwargs) -> SwinTransformer:
     """Swin-S: 49.6M params, 8.7 GMACs, top-1 83.2."""
-    return _create_swin(dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3),
-                        kwargs)
+    return _create_swin("swin_small_patch4_window7_224", dict(embed_dim=96, depths=(2, 2, 18, 2),
+                        num_heads=(3, 6, 12, 24), drop_path_rate=0.3), kwargs)
 
 
 @register_model
 def swin_base_patch4_window7_224(**kwargs) -> SwinTransformer:
     """Swin-B: 87.8M params, 15.4 GMACs, top-1 83.5."""
-    return _create_swin(dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5),
-                        kwargs)
+    return _create_swin("swin_base_patch4_window7_224", dict(embed_dim=128, depths=(2, 2, 18, 2),
+                        num_heads=(4, 8, 16, 32), drop_path_rate=0.5), kwargs)
 
 
 @register_model
 def swin_base_patch4_window12_384(**kwargs) -> SwinTransformer:
     """Swin-B at 384 with 12x12 windows: 87.9M params, 47.1 GMACs."""
-    return _create_swin(dict(img_size=384, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
-                             window_size=12, drop_path_rate=0.5), kwargs)
+    return _create_swin("swin_base_patch4_window12_384", dict(img_size=384, embed_dim=128, depths=(2, 2, 18, 2),
+                        num_heads=(4, 8, 16, 32), window_size=12, drop_path_rate=0.5), kwargs)
 
 
 @register_model
 def swin_large_patch4_window7_224(**kwargs) -> SwinTransformer:
     """Swin-L: 196.5M params."""
-    return _create_swin(dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), drop_path_rate=0.5),
-                        kwargs)
+    return _create_swin("swin_large_patch4_window7_224", dict(embed_dim=192, depths=(2, 2, 18, 2),
+                        num_heads=(6, 12, 24, 48), drop_path_rate=0.5), kwargs)
 
 
 @register_model
 def swin_large_patch4_window12_384(**kwargs) -> SwinTransformer:
     """Swin-L at 384 with 12x12 windows: 196.7M params."""
-    return _create_swin(dict(img_size=384, embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48),
-                             window_size=12, drop_path_rate=0.5), kwargs)
+    return _create_swin("swin_large_patch4_window12_384", dict(img_size=384, embed_dim=192, depths=(2, 2, 18, 2),
+                        num_heads=(6, 12, 24, 48), window_size=12, drop_path_rate=0.5), kwargs)
+
+
+register_with_timm(__name__)
