@@ -32,7 +32,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .._checks import is_int, is_real
+from .._runfolder import claim_run_folder
 from ..train.checkpoint import (
+    check_finite_loss,
     check_same_run,
     load_checkpoint_folder,
     restore_training_state,
@@ -108,7 +110,8 @@ def _is_causal_lm(model: nn.Module) -> bool:
 def task_loss_for(model: nn.Module) -> TaskLoss:
     """``model``'s task loss: `TASK_LOSSES` by class; for any Hugging Face causal LM next-token cross-entropy
     on shifted targets (`causal_lm_loss`); for any other model whose forward takes ``labels``, its own loss
-    (`model_loss`). ValueError naming what is known otherwise."""
+    (`model_loss`); for a timm-style classifier (it has ``forward_head``) cross-entropy on its logits. ValueError
+    naming what is known otherwise."""
     name = type(model).__name__
     if name in TASK_LOSSES:
         return TASK_LOSSES[name]
@@ -116,6 +119,8 @@ def task_loss_for(model: nn.Module) -> TaskLoss:
         return causal_lm_loss
     if "labels" in inspect.signature(model.forward).parameters:
         return model_loss
+    if callable(getattr(model, "forward_head", None)):  # timm's classifier convention, which ours follow
+        return classification_loss
     raise ValueError(f"no task loss known for {name}: it takes no labels and is none of {sorted(TASK_LOSSES)}; "
                      "pass loss_fn=f where f(model, (inputs, targets)) returns the mean loss")
 
@@ -283,7 +288,7 @@ def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, regularizer:
 def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, config: ProSparseConfig,
              checkpoint_dir: Path) -> tuple[int, list[dict]]:
     """Load the checkpoint of the same run into model and optimizer; return its (step, history)."""
-    tensors, meta = load_checkpoint_folder(checkpoint_dir)
+    tensors, meta = load_checkpoint_folder(checkpoint_dir, require=("config", "history"))
     check_same_run(meta["config"], config.to_dict())
     restore_training_state(model, optimizer, tensors, meta["param_groups"])
     return meta["step"], meta["history"]
@@ -297,14 +302,16 @@ def prosparse(model: nn.Module, train_batches: Iterable, config: ProSparseConfig
     train_batches: (inputs, targets) pairs, at least ``config.steps`` of them (e.g. the endless `lm_batches`).
     eval_batches: (inputs, targets) pairs read at every evaluation, so re-iterable (a list, a DataLoader).
     checkpoint_dir: if given, model, optimizer and RNG state are saved there at every evaluation
-        (`leanformer.train.checkpoint` format). It must not hold a checkpoint already unless ``resume``.
+        (`leanformer.train.checkpoint` format). It must not hold a checkpoint already unless ``resume``, and its
+        lock is held while the run goes on (another process writing it is refused).
     resume: continue the run checkpointed in ``checkpoint_dir``: pass the model as it was given to the first
         call (e.g. loaded again) and ``train_batches`` made again the same way; the batches the checkpointed
         steps used are drawn and skipped, so the run ends bit-identical to an uninterrupted one.
     loss_fn: ``f(model, batch) -> mean loss``; default `task_loss_for(model)`. specs: FFN table, see `find_ffns`.
 
     The model is left in eval mode with FATReLU(config.threshold) in every FFN; a Hugging Face model's config
-    records it (see `relufy`): save it with `leanformer.save_pretrained`, reload with `load_pretrained`.
+    records it (see `relufy`): save it with `leanformer.save_pretrained`, reload with `load_pretrained`. A
+    non-finite training loss stops the run there (`NonFiniteLossError`), the last checkpoint kept as it was.
     """
     loss_fn = loss_fn or task_loss_for(model)
     if iter(eval_batches) is eval_batches:
@@ -312,9 +319,15 @@ def prosparse(model: nn.Module, train_batches: Iterable, config: ProSparseConfig
     checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir, the folder the run was checkpointed in")
-    if not resume and checkpoint_dir is not None and (checkpoint_dir / "meta.json").exists():
-        raise ValueError(f"{checkpoint_dir} already holds a checkpoint: resume it (resume=True, --resume) or choose "
-                         "another folder")
+    with claim_run_folder(checkpoint_dir, ("meta.json",), resume=resume):
+        return _prosparse(model, train_batches, config, eval_batches, progress, checkpoint_dir, resume, loss_fn,
+                          specs)
+
+
+def _prosparse(model: nn.Module, train_batches: Iterable, config: ProSparseConfig, eval_batches: Iterable,
+               progress: bool, checkpoint_dir: Path | None, resume: bool, loss_fn: TaskLoss,
+               specs: Iterable[FFNSpec] | None) -> ProSparseResult:
+    """`prosparse` once its arguments are checked and its checkpoint folder (if any) is held by this process."""
     device = next(model.parameters()).device
     torch.manual_seed(config.seed)
     initial_loss, initial_report = _evaluate(model, eval_batches, loss_fn, specs, device)
@@ -343,6 +356,7 @@ def prosparse(model: nn.Module, train_batches: Iterable, config: ProSparseConfig
                                  "as many (use an endless iterator such as lm_batches)")
             loss, lr = _train_step(model, optimizer, regularizer, loss_fn, _pair(batch, device), step, config)
             step += 1
+            check_finite_loss(loss, step, checkpoint_dir)
             loss_sum, loss_steps = loss_sum + loss, loss_steps + 1
             sparsity, lam = regularizer.last_sparsity, regularizer.current_lambda
             bar.update(1)
