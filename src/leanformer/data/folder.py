@@ -2,8 +2,8 @@
 `root/train/<class>/...` + `root/val/<class>/...`.
 
 Images are decoded lazily, one per item, so a folder larger than memory still trains. Every file is
-opened and verified once at load time (Pillow's `verify()` reads headers and checksums, not pixels),
-so an unreadable image is reported up front, naming the file, instead of crashing an epoch midway.
+verified (Pillow's `verify()`: headers and checksums) and decoded once at load time, so an unreadable or
+truncated image is reported up front, naming the file, instead of crashing an epoch midway.
 Images are delivered at DEFAULT_IMG_SIZE unless img_size is given: folders mix sizes, so there is
 no native size to keep. Normalisation statistics come from a seeded sample of at most STATS_SAMPLE
 train images, which estimates the mean/std well without decoding the whole folder at load time.
@@ -29,11 +29,13 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
-from .split import DataSplit, Normalise, channel_stats, stratified_split
+from .split import DataSplit, Normalise, channel_stats, stratified_split, warn_if_few_classes
 
 DEFAULT_IMG_SIZE = 64
 STATS_SAMPLE = 1000
+_BAR_FROM = 2000  # images: checking fewer takes a second or two, no bar needed
 EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
 _EIGHT_BIT_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "CMYK")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")  # one range, four byte orders
@@ -75,6 +77,7 @@ def load_image_folder(root: Path, img_size: int | None, val_fraction: float, see
         val_files, val_labels = [files[i] for i in val_idx], labels[val_idx]
         source = f"image folder {root}, stratified split (val_fraction={val_fraction}, seed={seed})"
     mode = _check_images(train_files + val_files)
+    warn_if_few_classes(len(class_names), class_names, str(train_dir if train_dir.is_dir() else root))
     size = DEFAULT_IMG_SIZE if img_size is None else img_size
     sample = torch.randperm(len(train_files), generator=torch.Generator().manual_seed(seed))[:STATS_SAMPLE]
     normalise = Normalise(*channel_stats(_decode(train_files[i], mode, size)[None] for i in sample.sort().values),
@@ -111,18 +114,19 @@ def _scan(root: Path, class_names: list[str]) -> tuple[list[Path], torch.Tensor]
 
 
 def _check_images(files: list[Path]) -> str:
-    """Verify every file opens as an image of a supported mode; "L" if all are single-channel, else "RGB".
+    """Verify and decode every file as an image of a supported mode; "L" if all are single-channel, else "RGB".
 
-    "I" and "F" files are decoded here too: whether their values have a known range needs the pixels, and a
-    refusal belongs at load time, not an epoch in.
+    Decoding is what finds a truncated JPEG (its headers verify), and "I"/"F" values need the pixels to be
+    checked against their range: a refusal belongs at load time, not an epoch in.
     """
     grey = True
-    for path in files:
+    for path in tqdm(files, desc="checking images", unit="img", leave=False, disable=len(files) < _BAR_FROM):
         mode = _verified_mode(path)
         if mode not in _SUPPORTED_MODES:
             raise ValueError(f"{path}: mode {mode} is not supported; expected one of {', '.join(_SUPPORTED_MODES)}")
+        image = _read(path)
         if mode in ("I", "F"):
-            _wide_pixels(path, _read(path))
+            _wide_pixels(path, image)
         grey = grey and mode in _GREY_MODES
     return "L" if grey else "RGB"
 

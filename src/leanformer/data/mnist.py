@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from .split import DataSplit, Normalise, channel_stats, stratified_split
+from .split import DataSplit, Normalise, channel_stats, stratified_split, warn_if_few_classes
 
 IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
 LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
@@ -57,6 +57,7 @@ def load_mnist(path: Path, img_size: int | None, val_fraction: float, seed: int)
         train_images, train_labels = _read_pair(*pairs["train"])
         val_images, val_labels = _read_pair(*pairs["t10k"])
         num_classes = int(train_labels.max()) + 1
+        warn_if_few_classes(num_classes, train_labels.unique().tolist(), str(pairs["train"][1]))
         if int(val_labels.max()) >= num_classes:
             raise ValueError(f"{pairs['t10k'][1]}: label {int(val_labels.max())} is out of range; expected "
                              f"0..{num_classes - 1}, the classes of {pairs['train'][1]}")
@@ -68,6 +69,7 @@ def load_mnist(path: Path, img_size: int | None, val_fraction: float, seed: int)
         train_images, train_labels = images[train_idx], labels[train_idx]
         val_images, val_labels = images[val_idx], labels[val_idx]
         num_classes = int(labels.max()) + 1
+        warn_if_few_classes(num_classes, labels.unique().tolist(), str(labels_path))
         source = f"idx file {images_path}, stratified split (val_fraction={val_fraction}, seed={seed})"
     else:
         raise ValueError(f"{path}: found idx pairs {sorted(pairs)}; expected a single pair, or exactly 'train' and "
@@ -126,13 +128,32 @@ def _read_idx(path: Path, magic: int, ndim: int) -> torch.Tensor:
             if found != magic:
                 raise ValueError(f"{path}: bad magic number {found}; expected {magic} (idx{ndim} unsigned bytes)")
             expected = math.prod(dims)
-            body = f.read(expected + 1)
+            if opener is open and path.stat().st_size != header_size + expected:  # before reading any of it
+                raise _size_mismatch(path, dims, header_size, path.stat().st_size - header_size)
+            body = _read_at_most(f, expected + 1)
     except (OSError, EOFError, zlib.error) as err:
         raise ValueError(f"{path}: cannot read the file ({err})") from err
     if len(body) != expected:
-        found = f"{header_size + len(body)}{' or more' if len(body) > expected else ''}"
-        raise ValueError(f"{path}: size does not match header: shape {tuple(dims)} needs {header_size + expected} "
-                         f"bytes (uncompressed), found {found}")
+        raise _size_mismatch(path, dims, header_size, len(body), more=len(body) > expected)
     if expected == 0:
         raise ValueError(f"{path}: idx file holds no items (shape {tuple(dims)})")
     return torch.frombuffer(bytearray(body), dtype=torch.uint8).reshape(dims)
+
+
+def _read_at_most(f, limit: int, chunk: int = 1 << 20) -> bytes:
+    """Up to ``limit`` bytes of ``f``, read in chunks: a header may announce terabytes (a hostile or damaged
+    file), and only what the file really holds is ever allocated."""
+    parts, total = [], 0
+    while total < limit:
+        part = f.read(min(chunk, limit - total))
+        if not part:
+            break
+        parts.append(part)
+        total += len(part)
+    return b"".join(parts)
+
+
+def _size_mismatch(path: Path, dims: list[int], header_size: int, body_bytes: int, more: bool = False) -> ValueError:
+    found = f"{header_size + body_bytes}{' or more' if more else ''}"
+    return ValueError(f"{path}: size does not match header: shape {tuple(dims)} needs "
+                      f"{header_size + math.prod(dims)} bytes (uncompressed), found {found}")

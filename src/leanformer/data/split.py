@@ -4,6 +4,7 @@ train-statistics normalisation, so digits, MNIST and image folders cannot drift 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -27,6 +28,19 @@ class DataSplit:
     img_size: int
     class_names: list[str]
     source: str
+
+
+def warn_if_few_classes(num_classes: int, present: Iterable, source: str) -> None:
+    """Warn when the model would get classes the data does not have: a single class (nothing to learn), or
+    labels so sparse (e.g. {0, 255}) that most of the ``num_classes`` = max label + 1 outputs never occur."""
+    present = sorted(set(present))
+    if len(present) < 2:
+        warnings.warn(f"{source}: only one class ({present[0]!r}): a classifier has nothing to tell apart",
+                      stacklevel=3)
+    elif len(present) < num_classes / 2:
+        shown = ", ".join(map(str, present[:6])) + (", ..." if len(present) > 6 else "")
+        warnings.warn(f"{source}: labels {{{shown}}} are {len(present)} distinct values, but the model gets "
+                      f"{num_classes} classes (max label + 1); relabel them 0..{len(present) - 1}", stacklevel=3)
 
 
 def check_fraction(val_fraction: float) -> None:
