@@ -1,10 +1,12 @@
 import json
+import math
 
 import pytest
 import torch
 
 from leanformer.train.checkpoint import (
     load_checkpoint_folder,
+    meta_digest,
     restore_training_state,
     save_checkpoint,
     training_state_tensors,
@@ -105,3 +107,65 @@ def test_trainable_only_leaves_the_frozen_base_out_and_refuses_other_gaps():
     del tensors["model.2.weight"]
     with pytest.raises(ValueError, match=r"missing \['2.weight'\]"):
         restore_training_state(fresh, fresh_opt, tensors, groups)
+
+
+def rewrite_meta(folder, keep_digest: bool = False, **fields) -> dict:
+    """Change fields of a checkpoint's meta.json; with keep_digest, recompute its digest as a writer would."""
+    path = folder / "meta.json"
+    meta = {**json.loads(path.read_text()), **fields}
+    if keep_digest:
+        meta["meta_sha256"] = meta_digest(meta)
+    path.write_text(json.dumps(meta))
+    return meta
+
+
+@pytest.mark.parametrize("fields", [dict(epoch=4), dict(step=30), dict(config={"lr": 1.0}), dict(extra=1)])
+def test_an_edited_meta_json_is_refused(tmp_path, fields):
+    folder = save(tmp_path, *small_run())
+    rewrite_meta(folder, **fields)
+    with pytest.raises(ValueError, match=r"meta\.json .*does not match its digest") as err:
+        load_checkpoint_folder(folder)
+    assert str(folder / "meta.json") in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("epoch", "x"), ("epoch", -3), ("epoch", True), ("step", 2.5), ("config", [1, 2]), ("history", {"a": 1}),
+    ("history", [1]), ("best_val_acc", 1.5), ("best_val_acc", None), ("param_groups", "x"), ("state_bytes", "9"),
+    ("state_sha256", "abc"), ("state_file", "../state-000000003.safetensors"), ("compute", {"a": 1}),
+])
+def test_every_field_is_validated_naming_file_and_field(tmp_path, field, value):
+    folder = save(tmp_path, *small_run())
+    rewrite_meta(folder, keep_digest=True, **{field: value})
+    with pytest.raises(ValueError, match=rf"meta\.json: field '{field}'") as err:
+        load_checkpoint_folder(folder)
+    assert str(folder / "meta.json") in str(err.value) and "\n" not in str(err.value)
+
+
+def test_required_fields_and_step_consistency(tmp_path):
+    folder = save(tmp_path, *small_run())
+    with pytest.raises(ValueError, match=r"meta\.json: field 'history' is missing"):
+        load_checkpoint_folder(folder, require=("history",))
+    rewrite_meta(folder, keep_digest=True, step=4)
+    with pytest.raises(ValueError, match="state_file"):
+        load_checkpoint_folder(folder)
+
+
+def test_version_1_is_read_with_its_fields_checked(tmp_path):
+    folder = save(tmp_path, *small_run())
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["version"] == 2 and len(meta["meta_sha256"]) == 64
+    del meta["meta_sha256"]
+    (folder / "meta.json").write_text(json.dumps({**meta, "version": 1}))
+    assert load_checkpoint_folder(folder)[1]["step"] == 3  # no digest to check: the state checksum still is
+    rewrite_meta(folder, epoch="x")
+    with pytest.raises(ValueError, match="field 'epoch'"):
+        load_checkpoint_folder(folder)
+
+
+def test_meta_json_is_standard_json(tmp_path):
+    model, optimizer = small_run()
+    tensors, groups = training_state_tensors(model, optimizer)
+    folder = save_checkpoint(tmp_path, tensors, {"step": 1, "param_groups": groups, "history": [{"loss": math.inf}]})
+    text = (folder / "meta.json").read_text()
+    assert "Infinity" not in text
+    assert load_checkpoint_folder(folder)[1]["history"] == [{"loss": None}]
