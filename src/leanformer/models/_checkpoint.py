@@ -16,6 +16,8 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from .._loading import first_line, is_refused_pickle, refused_pickle
+
 # safetensors metadata key under which `leanformer.save_pretrained` records changed FFN activations: such a file is
 # not a plain checkpoint (loaded as one, the model would silently compute something else)
 TRANSFORMS_METADATA_KEY = "leanformer.activations"
@@ -42,8 +44,10 @@ def read_state_dict(path: str | PathLike) -> dict[str, torch.Tensor]:
             )
     except ValueError:
         raise
-    except Exception as err:  # corrupt file, pickled code objects refused by weights_only, ...
-        raise ValueError(f"checkpoint {str(path)!r} could not be read: {err}") from err
+    except Exception as err:  # refused code objects (said in one line), corrupt file, truncated archive, ...
+        if is_refused_pickle(err):
+            raise refused_pickle(f"checkpoint {str(path)!r}") from err
+        raise ValueError(f"checkpoint {str(path)!r} could not be read: {first_line(err)}") from err
     for wrapper in ("model", "state_dict", "model_ema"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]

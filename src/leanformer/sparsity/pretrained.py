@@ -32,8 +32,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .._io import atomic_write, write_files_atomic
+from .._loading import first_line, hf_from_pretrained
 from ..models._checkpoint import TRANSFORMS_METADATA_KEY, check_state_dict
-from .activations import FATReLU, TopK, is_topk_wrapped
+from .activations import FATReLU, is_topk_wrapped, topk_wrapped
 from .ffn import FFNSpec, find_ffns
 
 __all__ = ["activation_record", "load_pretrained", "save_pretrained", "sync_hf_config"]
@@ -47,6 +48,8 @@ _ACTIVATION_FIELDS = {
     "hidden_act": lambda config: "relu",
     "activation_function": lambda config: "relu",
     "hidden_activation": lambda config: "relu",
+    "activation": lambda config: "relu",  # DistilBERT, Falcon
+    "dense_act_fn": lambda config: "relu",  # T5, next to feed_forward_proj
     "feed_forward_proj": lambda config: "gated-relu" if getattr(config, "is_gated_act", False) else "relu",
 }
 
@@ -136,7 +139,9 @@ def load_pretrained(directory: str | Path, model: nn.Module | None = None) -> nn
 def _describe(act: nn.Module) -> dict:
     entry: dict = {}
     if is_topk_wrapped(act):
-        act, entry["topk"] = act[0], act[1].k
+        topk, act, entry["topk"] = act[1], act[0], act[1].k
+        if topk.dim != -1:  # an NCHW FFN (1x1 Conv2d): its features are dimension 1
+            entry["topk_dim"] = topk.dim
     if isinstance(act, FATReLU) and act.threshold > 0:  # FATReLU(0) is ReLU in value: saved as ReLU
         return {"act": "fatrelu", "threshold": act.threshold, **entry}
     if isinstance(act, FATReLU):
@@ -147,7 +152,7 @@ def _describe(act: nn.Module) -> dict:
 def _rebuild(current: nn.Module, entry: dict) -> nn.Module:
     own = current[0] if is_topk_wrapped(current) else current
     act = {"relu": nn.ReLU, "fatrelu": lambda: FATReLU(entry["threshold"]), "model": lambda: own}[entry["act"]]()
-    return nn.Sequential(act, TopK(entry["topk"])) if "topk" in entry else act
+    return topk_wrapped(act, entry["topk"], entry.get("topk_dim", -1)) if "topk" in entry else act
 
 
 def _plain_build_matches(model: nn.Module, fields: dict[str, str], relu_paths: Iterable[str]) -> bool:
@@ -197,6 +202,9 @@ def _check_record(record: object, source: str) -> dict[str, dict]:
         topk = entry.get("topk")
         if "topk" in entry and (not isinstance(topk, int) or isinstance(topk, bool) or topk < 1):
             raise ValueError(f"{where}.topk={topk!r}: expected an integer >= 1")
+        dim = entry.get("topk_dim", -1)
+        if not isinstance(dim, int) or isinstance(dim, bool):
+            raise ValueError(f"{where}.topk_dim={dim!r}: expected an integer")
     return activations
 
 
@@ -235,9 +243,9 @@ def _load_hf(directory: Path) -> nn.Module:
         raise ValueError(f"{config_path}: architectures {architectures!r} names no transformers model class")
     try:
         config = transformers.AutoConfig.for_model(values.pop("model_type"), **values)
-        model = cls.from_pretrained(str(directory), config=config, local_files_only=True)
-    except (OSError, ValueError, KeyError) as err:
-        raise ValueError(f"{directory}: could not load the model: {str(err).splitlines()[0]}") from err
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{config_path}: not a config transformers can build ({first_line(err)})") from err
+    model = hf_from_pretrained(cls, directory, config=config)
     _apply(model, activations, str(config_path))
     sync_hf_config(model)  # the config again says what a plain reload of a copy would need
     return model
