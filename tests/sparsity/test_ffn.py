@@ -48,8 +48,10 @@ class _Block(nn.Module):
 
 def test_explicit_specs_and_set_act():
     model = nn.Sequential(_Block(), _Block())
+    no_activation = nn.Sequential(_Block())
+    no_activation[0].nonlin = nn.Identity()  # the structural fallback would find _Block with its GELU
     with pytest.raises(ValueError, match=r"no FFN found in Sequential.*FFNSpec"):
-        find_ffns(model)
+        find_ffns(no_activation)
     ffns = find_ffns(model, [FFNSpec(("_Block",), up="w_in", down="w_out", act="nonlin")])
     assert [f.name for f in ffns] == ["0", "1"]
     ffns[0].set_act(nn.ReLU())

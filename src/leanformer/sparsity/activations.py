@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from .ffn import FFNSpec, find_ffns
 
-__all__ = ["RELUFY_ACTIVATIONS", "FATReLU", "TopK", "apply_topk", "is_topk_wrapped", "relufy"]
+__all__ = ["RELUFY_ACTIVATIONS", "FATReLU", "TopK", "apply_topk", "is_topk_wrapped", "relufy", "topk_wrapped"]
 
 RELUFY_ACTIVATIONS = ("relu", "fatrelu")
 
@@ -48,28 +48,31 @@ class FATReLU(nn.Module):
 
 
 class TopK(nn.Module):
-    """Keep the k largest values along the last dimension (per token) and zero the rest (Lazy Neuron).
+    """Keep the k largest values along dimension ``dim`` (per token; the features) and zero the rest (Lazy Neuron).
 
     Meant to follow the FFN activation (`apply_topk` places it after ReLU/GELU/...): it ranks the
     activation outputs by value, not by magnitude, so after GELU a large negative output is dropped.
-    The gradient reaches only the kept entries. With k >= the size of the last dimension it is the
-    identity. Ties are broken by `torch.topk`, so exactly k positions are kept.
+    The gradient reaches only the kept entries. With k >= the size of ``dim`` it is the identity. Ties are
+    broken by `torch.topk`, so exactly k positions are kept. ``dim`` is -1 except for FFNs on NCHW maps
+    (1x1 Conv2d FFNs), whose features are dimension 1.
     """
 
-    def __init__(self, k: int):
+    def __init__(self, k: int, dim: int = -1):
         super().__init__()
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"TopK k must be an integer >= 1, got {k!r}")
-        self.k = k
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise ValueError(f"TopK dim must be an integer, got {dim!r}")
+        self.k, self.dim = k, dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.k >= x.shape[-1]:
+        if self.k >= x.shape[self.dim]:
             return x
-        values, indices = x.topk(self.k, dim=-1, sorted=False)
-        return torch.zeros_like(x).scatter(-1, indices, values)
+        values, indices = x.topk(self.k, dim=self.dim, sorted=False)
+        return torch.zeros_like(x).scatter(self.dim, indices, values)
 
     def extra_repr(self) -> str:
-        return f"k={self.k}"
+        return f"k={self.k}" if self.dim == -1 else f"k={self.k}, dim={self.dim}"
 
 
 def relufy(model: nn.Module, activation: str = "relu", threshold: float = 0.0,
@@ -106,12 +109,14 @@ def apply_topk(model: nn.Module, k: int, specs: Iterable[FFNSpec] | None = None)
 
     The activation becomes ``nn.Sequential(old_act, TopK(k))``; applying again replaces the k rather than
     stacking a second TopK. In a gated FFN the top-k is taken over act(gate(x)), before the product with
-    up(x): x1 then has at most k nonzeros per token, the positions of the k largest gate activations.
+    up(x): x1 then has at most k nonzeros per token, the positions of the k largest gate activations. The
+    top-k runs over the FFN's feature dimension (dimension 1 for 1x1 Conv2d FFNs on NCHW maps). An activation
+    held as a plain function is wrapped as well (`nn.Sequential` calls it like a module).
     """
     TopK(k)  # validate before touching the model
     for ffn in find_ffns(model, specs):
         act = ffn.act[0] if is_topk_wrapped(ffn.act) else ffn.act
-        ffn.set_act(nn.Sequential(act, TopK(k)))
+        ffn.set_act(topk_wrapped(act, k, ffn.feature_dim))
     _record_in_config(model, specs)
     return model
 
@@ -120,6 +125,26 @@ def _record_in_config(model: nn.Module, specs: Iterable[FFNSpec] | None) -> None
     from .pretrained import sync_hf_config  # imported here: pretrained builds on the activations of this module
 
     sync_hf_config(model, specs)
+
+
+class _Function(nn.Module):
+    """A plain activation function (a model may hold ``self.act = F.gelu``) as a module, so it can sit in
+    `apply_topk`'s Sequential."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+    def extra_repr(self) -> str:
+        return getattr(self.fn, "__name__", repr(self.fn))
+
+
+def topk_wrapped(act, k: int, dim: int = -1) -> nn.Sequential:
+    """What `apply_topk` sets: Sequential(act, TopK(k, dim)), ``act`` a module or a plain function."""
+    return nn.Sequential(act if isinstance(act, nn.Module) else _Function(act), TopK(k, dim))
 
 
 def is_topk_wrapped(act: nn.Module) -> bool:

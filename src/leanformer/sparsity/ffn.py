@@ -1,59 +1,212 @@
-"""Where the FFNs of a model are: one explicit table from module class to its up/gate/down Linears.
+"""Where the FFNs of a model are: an explicit table from module class to its up/gate/down projections, and a
+structural fallback for the modules nobody listed.
 
-Activation sparsity lives in the FFN intermediate output, the input of the down projection:
-act(up(x)) for a plain FFN and act(gate(x)) * up(x) for a gated one (LLaMA). Every tool in this pillar
-(measuring, ReLUfication, the ProSparse regulariser, sparse inference) works on the `FFN` records found
-here, as PEFT finds its target modules through a per-architecture table rather than isinstance chains.
+Activation sparsity lives in the FFN intermediate output x1, the input of the down projection: act(up(x)) for a
+plain FFN and act(gate(x)) * up(x) for a gated one (LLaMA). Every tool in this pillar (measuring, ReLUfication,
+the ProSparse regulariser, sparse inference, predictors) works on the `FFN` records found here, as PEFT finds its
+target modules through a per-architecture table rather than isinstance chains.
+
+Three things vary between the FFNs people bring, and each lives in one table here:
+
+- where the projections and the activation are (`FFN_SPECS`, by module class): in one module (LLaMA's
+  ``LlamaMLP``), directly in the decoder layer (OPT), or split over two modules (BERT's intermediate/output);
+  gate and up may be separate layers or the two halves of one (Phi-3's ``gate_up_proj``, timm's ``GluMlp``);
+- what a projection layer is (`layer_kind`, by layer class): ``nn.Linear`` (weight (out, in)), transformers'
+  ``Conv1D`` of GPT-2 (weight (in, out)) or a 1x1 ``nn.Conv2d`` on NCHW maps (weight (out, in, 1, 1), features in
+  dimension 1). `FFN.weight` gives every one as an (out, in) view, `FFN.features_last` puts the features last;
+- fused mixture-of-experts weights (3-D parameters, transformers 5's ``MixtralExperts`` and kin), which have no
+  projection layer to work on: they are refused by name rather than skipped.
+
+A model with none of the table's classes is searched by structure (`find_ffns` says what it found, with the
+`FFNSpec` to pass to make it explicit); an `FFNSpec` list passed as ``specs`` replaces both.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 
-__all__ = ["FFN", "FFN_SPECS", "FFNSpec", "find_ffns"]
+__all__ = ["FFN", "FFN_SPECS", "FFNSpec", "LayerKind", "find_ffns", "layer_kind", "structural_spec"]
+
+_ROLES = ("up", "down", "gate")
+_HALVES = ("first", "last")
 
 
 @dataclass(frozen=True)
 class FFNSpec:
-    """How to read one FFN from a module of one of ``classes`` (attribute paths relative to it)."""
+    """How to read one FFN from a module of one of ``classes`` (attribute paths relative to it).
+
+    ``classes`` are class names, or ``"module.path.ClassName"`` for a name too generic to match on alone
+    (DistilBERT's ``FFN``). A gated FFN computes down(act(gate(x)) * up(x)). ``fused_gate`` says that gate and
+    up are the two halves of the ``up`` layer's output (``gate`` is then left None): ``"first"`` or ``"last"``
+    is the half the activation is applied to, or the name of a boolean attribute of the module that is True
+    when it is the last half (timm's ``GluMlp.gate_last``).
+    """
 
     classes: tuple[str, ...]
     up: str
     down: str
     act: str
     gate: str | None = None
+    fused_gate: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.fused_gate is not None and self.gate is not None:
+            raise ValueError(f"FFNSpec{self.classes}: gate={self.gate!r} and fused_gate={self.fused_gate!r} "
+                             "exclude each other (fused_gate: gate and up are halves of the up layer)")
+
+
+_GATED_HF = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Qwen2MoeMLP", "Qwen3MoeMLP", "GemmaMLP", "Gemma2MLP",
+             "Gemma3MLP", "GraniteMLP", "OlmoMLP", "Olmo2MLP", "CohereMLP")
 
 FFN_SPECS: tuple[FFNSpec, ...] = (
-    # Hugging Face gated FFNs: down(act(gate(x)) * up(x))
-    FFNSpec(("LlamaMLP", "MistralMLP", "Qwen2MLP"), up="up_proj", down="down_proj", act="act_fn", gate="gate_proj"),
+    # Hugging Face gated FFNs: down_proj(act_fn(gate_proj(x)) * up_proj(x))
+    FFNSpec(_GATED_HF, up="up_proj", down="down_proj", act="act_fn", gate="gate_proj"),
+    # ... with gate and up fused in one Linear, gate first (Phi-3) or activated half first (ModernBERT)
+    FFNSpec(("Phi3MLP",), up="gate_up_proj", down="down_proj", act="activation_fn", fused_gate="first"),
+    FFNSpec(("ModernBertMLP",), up="Wi", down="Wo", act="act", fused_gate="first"),
+    # T5 / mT5: wo(act(wi(x))) and its gated variant wo(act(wi_0(x)) * wi_1(x))
+    FFNSpec(("T5DenseActDense", "MT5DenseActDense"), up="wi", down="wo", act="act"),
+    FFNSpec(("T5DenseGatedActDense", "MT5DenseGatedActDense"), up="wi_1", down="wo", act="act", gate="wi_0"),
+    # Hugging Face plain FFNs, one module each (GPT-2's c_fc/c_proj are Conv1D layers)
+    FFNSpec(("GPT2MLP", "GPTNeoMLP", "GPTBigCodeMLP", "Starcoder2MLP"), up="c_fc", down="c_proj", act="act"),
+    FFNSpec(("GPTNeoXMLP", "FalconMLP"), up="dense_h_to_4h", down="dense_4h_to_h", act="act"),
+    FFNSpec(("GPTJMLP", "CodeGenMLP"), up="fc_in", down="fc_out", act="act"),
+    FFNSpec(("PhiMLP", "ViTMLP", "DeiTMLP"), up="fc1", down="fc2", act="activation_fn"),
+    FFNSpec(("transformers.models.distilbert.modeling_distilbert.FFN",), up="lin1", down="lin2", act="activation"),
+    FFNSpec(("ConvNextLayer",), up="pwconv1", down="pwconv2", act="act"),
+    # OPT (Deja Vu's model): the FFN's layers sit directly in the decoder layer
+    FFNSpec(("OPTDecoderLayer",), up="fc1", down="fc2", act="activation_fn"),
     # Hugging Face BERT-style encoders: the FFN is split over BertIntermediate and BertOutput
-    FFNSpec(("BertLayer", "RobertaLayer"), up="intermediate.dense", down="output.dense",
-            act="intermediate.intermediate_act_fn"),
-    # timm's Mlp (ViT, Swin, ...) and ours (leanformer Swin)
-    FFNSpec(("Mlp",), up="fc1", down="fc2", act="act"),
+    FFNSpec(("BertLayer", "RobertaLayer", "XLMRobertaLayer", "CamembertLayer", "ElectraLayer"),
+            up="intermediate.dense", down="output.dense", act="intermediate.intermediate_act_fn"),
+    # timm's Mlp (ViT, Swin, ConvNeXt with conv_mlp: 1x1 Conv2d), ConvMlp and GluMlp; ours (leanformer Swin)
+    FFNSpec(("Mlp", "ConvMlp"), up="fc1", down="fc2", act="act"),
+    FFNSpec(("GluMlp",), up="fc1", down="fc2", act="act", fused_gate="gate_last"),
+    FFNSpec(("SwiGLU",), up="fc1_x", down="fc2", act="act", gate="fc1_g"),
     # leanformer MS-MLP block: the channel MLP after the shift mixer
     FFNSpec(("MixShiftBlock",), up="pwconv1", down="pwconv2", act="act"),
 )
 
 
+# --- projection layers -------------------------------------------------------------------------------------------
+
+
+def _linear_weight(layer: nn.Module) -> torch.Tensor:
+    return layer.weight
+
+
+def _conv1d_weight(layer: nn.Module) -> torch.Tensor:
+    return layer.weight.t()  # transformers' Conv1D stores (in, out)
+
+
+def _conv2d_weight(layer: nn.Module) -> torch.Tensor:
+    return layer.weight[:, :, 0, 0]  # a view, whatever the strides (flatten would copy a re-laid-out weight)
+
+
+def _linear_param(matrix: torch.Tensor) -> torch.Tensor:
+    return matrix
+
+
+def _conv1d_param(matrix: torch.Tensor) -> torch.Tensor:
+    return matrix.t()
+
+
+def _conv2d_param(matrix: torch.Tensor) -> torch.Tensor:
+    return matrix[:, :, None, None]
+
+
+def _always_fits(_layer: nn.Module) -> str | None:
+    return None
+
+
+def _conv2d_unfit(layer: nn.Module) -> str | None:
+    pointwise = tuple(layer.kernel_size) == (1, 1) and tuple(layer.stride) == (1, 1) and layer.groups == 1 \
+        and layer.padding in ((0, 0), "valid")
+    if pointwise:
+        return None
+    kernel = "x".join(map(str, layer.kernel_size))
+    return (f"a {kernel} Conv2d (stride {tuple(layer.stride)}, padding {layer.padding}, groups {layer.groups}), an "
+            "unsupported layer type: only 1x1 Conv2d projections (stride 1, no padding, groups 1) are supported")
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """How to read one kind of projection layer as an (out, in) matrix, nn.Linear's convention.
+
+    ``feature_dim`` is where the layer's input and output hold their features (-1, or 1 for NCHW maps);
+    ``weight(layer)`` is an (out, in) view of its weight; ``as_param(matrix)`` is an (out, in) matrix shaped as the
+    layer stores its weight (views both ways, so a re-laid-out weight stays a view); ``unfit(layer)`` says why
+    an instance cannot be read so (a 3x3 Conv2d), None when it can.
+    """
+
+    name: str
+    feature_dim: int
+    weight: Callable[[nn.Module], torch.Tensor]
+    as_param: Callable[[torch.Tensor], torch.Tensor]
+    unfit: Callable[[nn.Module], str | None] = _always_fits
+
+
+_LINEAR = LayerKind("Linear", -1, _linear_weight, _linear_param)
+_CONV1D = LayerKind("Conv1D", -1, _conv1d_weight, _conv1d_param)
+_CONV2D = LayerKind("Conv2d", 1, _conv2d_weight, _conv2d_param, _conv2d_unfit)
+# layer class name (or that of a base class) -> its kind; the sparse replacements of inference.py read as the
+# layer they replace
+_LAYER_KINDS: dict[str, LayerKind] = {"Linear": _LINEAR, "Conv1D": _CONV1D, "SparseInputConv1D": _CONV1D,
+                                      "Conv2d": _CONV2D}
+_SUPPORTED_LAYERS = "nn.Linear, transformers' Conv1D (GPT-2) or a 1x1 nn.Conv2d"
+
+
+def layer_kind(layer: nn.Module) -> LayerKind | None:
+    """The `LayerKind` of ``layer``'s class or of its nearest listed base class (FalconLinear is a Linear)."""
+    for cls in type(layer).__mro__:
+        kind = _LAYER_KINDS.get(cls.__name__)
+        if kind is not None:
+            return kind
+    return None
+
+
+def _projection_error(layer: object, where: str) -> str | None:
+    """Why ``layer`` cannot serve as an FFN projection, naming its type; None if it can."""
+    kind = layer_kind(layer) if isinstance(layer, nn.Module) else None
+    if kind is None:
+        return (f"{where} is a {type(layer).__name__}, expected {_SUPPORTED_LAYERS} "
+                f"({type(layer).__name__} is not a layer type the sparsity tools support)")
+    reason = kind.unfit(layer)
+    return None if reason is None else f"{where} is {reason}"
+
+
+# --- FFN records -------------------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class FFN:
-    """One FFN: its container module and name, its Linears, and where its activation module is held."""
+    """One FFN: its container module and name, its projection layers, and where its activation is held.
+
+    ``gate`` is None for a plain FFN; with ``gate_half`` ("first"/"last") gate and up are the same layer, whose
+    output halves they are. ``found_by`` is "table" (`FFN_SPECS`), "specs" (passed by the caller) or "structure"
+    (the fallback: the forward is not known beyond its layers). ``in_decoder``: the FFN is in the decoder of an
+    encoder-decoder model, whose tokens the encoder's attention mask does not describe.
+    """
 
     name: str
     module: nn.Module
-    up: nn.Linear
-    down: nn.Linear
-    gate: nn.Linear | None
+    up: nn.Module
+    down: nn.Module
+    gate: nn.Module | None
     act_parent: nn.Module
     act_attr: str
+    gate_half: str | None = None
+    found_by: str = "table"
+    in_decoder: bool = False
 
     @property
-    def act(self) -> nn.Module:
+    def act(self) -> Callable:
+        """The activation: an nn.Module, or a plain function some models hold (relufy replaces it by a module)."""
         return getattr(self.act_parent, self.act_attr)
 
     @property
@@ -61,54 +214,244 @@ class FFN:
         return self.gate is not None
 
     @property
+    def fused(self) -> bool:
+        """Whether gate and up are the two halves of one layer's output."""
+        return self.gate_half is not None
+
+    @property
+    def feature_dim(self) -> int:
+        """Where the FFN's input and x1 hold their features: -1, or 1 for NCHW maps (1x1 Conv2d FFNs)."""
+        return layer_kind(self.down).feature_dim
+
+    @property
+    def in_features(self) -> int:
+        return self.weight("up").shape[1]
+
+    @property
     def hidden_features(self) -> int:
-        return self.down.in_features
+        return self.weight("down").shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight("down").shape[0]
+
+    def weight(self, role: str) -> torch.Tensor:
+        """The (out, in) view of the weight of "up", "gate" or "down", whatever the layer type (and only the
+        role's half of a fused gate/up layer)."""
+        layer = self._layer(role)
+        return self._rows(role, layer_kind(layer).weight(layer))
+
+    def bias(self, role: str) -> torch.Tensor | None:
+        """The bias of "up", "gate" or "down" (the role's half for a fused gate/up layer), or None."""
+        bias = getattr(self._layer(role), "bias", None)
+        return None if bias is None else self._rows(role, bias)
+
+    def features_last(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (the FFN's input or x1) with its feature dimension last: a view."""
+        return t if self.feature_dim == -1 else t.movedim(self.feature_dim, -1)
 
     def set_act(self, act: nn.Module) -> None:
         setattr(self.act_parent, self.act_attr, act)
 
+    def _layer(self, role: str) -> nn.Module:
+        if role not in _ROLES:
+            raise ValueError(f"role must be one of {_ROLES}, got {role!r}")
+        layer = getattr(self, role)
+        if layer is None:
+            raise ValueError(f"FFN {self.name!r} is not gated: it has no gate")
+        return layer
 
-def _resolve(module: nn.Module, path: str, what: str, owner: str) -> nn.Module:
+    def _rows(self, role: str, t: torch.Tensor) -> torch.Tensor:
+        if not self.fused or role == "down":
+            return t
+        half = t.shape[0] // 2
+        first = (role == "gate") == (self.gate_half == "first")
+        return t[:half] if first else t[half:]
+
+
+def _resolve(module: nn.Module, path: str, what: str, owner: str) -> object:
     obj = module
     for part in path.split("."):
         if not hasattr(obj, part):
             raise ValueError(f"{owner}: no attribute {path!r} for the FFN's {what} (spec does not fit this module)")
         obj = getattr(obj, part)
-    if not isinstance(obj, nn.Module):
-        raise ValueError(f"{owner}.{path} ({what}) is a {type(obj).__name__}, expected an nn.Module")
     return obj
 
 
-def _record(name: str, module: nn.Module, spec: FFNSpec) -> FFN:
+def _gate_half(module: nn.Module, spec: FFNSpec, owner: str) -> str | None:
+    if spec.fused_gate is None or spec.fused_gate in _HALVES:
+        return spec.fused_gate
+    flag = _resolve(module, spec.fused_gate, "fused gate flag", owner)
+    if not isinstance(flag, bool):
+        raise ValueError(f"{owner}.{spec.fused_gate} (fused gate flag) is {flag!r}, expected a bool")
+    return "last" if flag else "first"
+
+
+def _record(name: str, module: nn.Module, spec: FFNSpec, found_by: str, in_decoder: bool) -> FFN:
     owner = name or type(module).__name__
-    linears = {}
-    for role in ("up", "down", "gate"):
+    layers = {}
+    for role in _ROLES:
         path = getattr(spec, role)
         if path is None:
             continue
         layer = _resolve(module, path, role, owner)
-        if not isinstance(layer, nn.Linear):
-            raise ValueError(f"{owner}.{path} ({role}) is a {type(layer).__name__}, expected nn.Linear")
-        linears[role] = layer
+        error = _projection_error(layer, f"{owner}.{path} ({role})")
+        if error:
+            raise ValueError(error)
+        layers[role] = layer
+    half = _gate_half(module, spec, owner)
+    if half is not None:
+        layers["gate"] = layers["up"]
     parent_path, _, attr = spec.act.rpartition(".")
     parent = _resolve(module, parent_path, "activation", owner) if parent_path else module
-    _resolve(parent, attr, "activation", owner)
-    return FFN(name, module, linears["up"], linears["down"], linears.get("gate"), parent, attr)
+    if not isinstance(parent, nn.Module) or not callable(_resolve(parent, attr, "activation", owner)):
+        raise ValueError(f"{owner}.{spec.act} (activation) is not a callable held by a module")
+    ffn = FFN(name, module, layers["up"], layers["down"], layers.get("gate"), parent, attr, half, found_by,
+              in_decoder)
+    _check_widths(ffn, owner)
+    return ffn
+
+
+def _check_widths(ffn: FFN, owner: str) -> None:
+    """The layers must chain: up (and gate) produce the hidden units down consumes (half of a fused layer each)."""
+    widths = {role: ffn.weight(role).shape[0] for role in ("up", "gate") if role != "gate" or ffn.gated}
+    if any(width != ffn.hidden_features for width in widths.values()):
+        raise ValueError(f"{owner}: {widths} outputs do not match the {ffn.hidden_features} inputs of its down "
+                         "projection (spec does not fit this module)")
+
+
+# --- discovery ---------------------------------------------------------------------------------------------------
+
+
+def _class_keys(module: nn.Module) -> tuple[str, str]:
+    cls = type(module)
+    return cls.__name__, f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _refuse_fused_experts(model: nn.Module) -> None:
+    """Mixture-of-experts layers whose experts are 3-D parameters (transformers 5's MixtralExperts, Qwen3MoeExperts,
+    ...) have no projection layer to measure or sparsify; skipping them would report a part of the model as all of
+    it, so they are refused, naming the layer."""
+    for name, module in model.named_modules():
+        fused = {key: tuple(p.shape) for key, p in module.named_parameters(recurse=False) if p.dim() == 3}
+        if fused and type(module).__name__.endswith("Experts"):
+            raise ValueError(
+                f"{name or type(model).__name__} is a {type(module).__name__}: its experts are fused 3-D parameters "
+                f"({', '.join(f'{k} {s}' for k, s in fused.items())}), not projection layers; the sparsity tools do "
+                "not support fused mixture-of-experts weights (unsupported layer type)")
+
+
+def _in_decoder(model: nn.Module, name: str) -> bool:
+    config = getattr(model, "config", None)
+    return bool(getattr(config, "is_encoder_decoder", False)) and "decoder" in name.split(".")
+
+
+def _by_table(model: nn.Module, specs: Iterable[FFNSpec], found_by: str) -> list[FFN]:
+    table = {cls: spec for spec in specs for cls in spec.classes}
+    found = []
+    for name, module in model.named_modules():
+        spec = next((table[key] for key in _class_keys(module) if key in table), None)
+        if spec is not None:
+            found.append(_record(name, module, spec, found_by, _in_decoder(model, name)))
+    return found
 
 
 def find_ffns(model: nn.Module, specs: Iterable[FFNSpec] | None = None) -> list[FFN]:
     """Every FFN of ``model`` in forward (module registration) order.
 
-    ``specs`` replaces the built-in table (``FFN_SPECS``) for models it does not know, e.g.
-    ``find_ffns(model, [FFNSpec(("MyBlock",), up="w1", down="w2", act="act")])``.
-    Raises ValueError if no FFN is found, naming the model class.
+    By default the built-in table (`FFN_SPECS`) is used; if no module of ``model`` is in it, the model is searched
+    by structure (an up projection, one activation and a down projection as children of one module, see
+    `structural_spec`) and a warning says what was found and the `FFNSpec` that makes it explicit. ``specs``
+    replaces both, e.g. ``find_ffns(model, [FFNSpec(("MyBlock",), up="w1", down="w2", act="act")])``.
+    Raises ValueError if no FFN is found, naming the model class, and for fused mixture-of-experts layers.
     """
-    table = {cls: spec for spec in (FFN_SPECS if specs is None else tuple(specs)) for cls in spec.classes}
-    found = [_record(name, module, table[type(module).__name__])
-             for name, module in model.named_modules() if type(module).__name__ in table]
+    if specs is not None:
+        found = _by_table(model, tuple(specs), "specs")
+        known = sorted({cls for spec in specs for cls in spec.classes})
+    else:
+        _refuse_fused_experts(model)
+        found = _by_table(model, FFN_SPECS, "table") or _by_structure(model)
+        known = sorted({cls for spec in FFN_SPECS for cls in spec.classes})
     if not found:
         raise ValueError(
-            f"no FFN found in {type(model).__name__}: known FFN classes are {sorted(table)}. Describe yours with "
+            f"no FFN found in {type(model).__name__}: known FFN classes are {known}, and no module holds an up "
+            "projection, one activation and a down projection. Describe yours with "
             "leanformer.sparsity.FFNSpec(classes=('YourMLP',), up='fc1', down='fc2', act='act', gate=None) and "
             "pass specs=[...]")
+    return found
+
+
+# --- structural fallback -----------------------------------------------------------------------------------------
+
+# where activation modules are defined; a parameter-free leaf module of one of these is an activation
+_ACTIVATION_HOMES = ("torch.nn.modules.activation", "transformers.activations", "timm.layers.activations",
+                     "timm.layers.activations_me", "leanformer.sparsity.activations")
+_NOT_ACTIVATIONS = ("Softmax", "Softmin", "LogSoftmax", "Softmax2d", "MultiheadAttention", "TopK")
+
+
+def _is_activation(module: nn.Module) -> bool:
+    if isinstance(module, nn.Sequential) and len(module) == 2 and type(module[1]).__name__ == "TopK":
+        return _is_activation(module[0])  # apply_topk's wrapper
+    cls = type(module)
+    return cls.__module__ in _ACTIVATION_HOMES and cls.__name__ not in _NOT_ACTIVATIONS \
+        and next(module.children(), None) is None and next(module.parameters(), None) is None
+
+
+def structural_spec(module: nn.Module) -> FFNSpec | None:
+    """The FFNSpec of ``module`` read from its children, or None if they do not form exactly one FFN.
+
+    It must hold, as direct children, exactly one activation module and projection layers (those `layer_kind`
+    reads) of which exactly one shape (h, d) has its transpose (d, h) among them too: one (h, d) and one (d, h)
+    layer are up and down, in registration order when h == d; two (h, d) layers and one (d, h) are up, gate and
+    down, the gate being the one named with "gate". The activation is a parameter-free module of torch,
+    transformers, timm or leanformer (not softmax). Anything else (attention's four (d, d) layers, two ungated
+    up projections, two activations) is no FFN: describe it with an FFNSpec.
+    """
+    children = list(module.named_children())
+    acts = [name for name, child in children if _is_activation(child)]
+    if len(acts) != 1:
+        return None
+    by_shape: dict[tuple[int, int], list[str]] = {}
+    for name, child in children:
+        if _projection_error(child, name) is None:
+            by_shape.setdefault(tuple(layer_kind(child).weight(child).shape), []).append(name)  # (out, in)
+    pairs = [(shape, names) for shape, names in by_shape.items()
+             if shape[0] != shape[1] and (shape[1], shape[0]) in by_shape]
+    squares = [names for shape, names in by_shape.items() if shape[0] == shape[1] and len(names) == 2]
+    if len(pairs) == 2 and not squares:
+        (_, first), (_, second) = pairs
+        if len(first) == len(second) == 1:
+            up, down = (first[0], second[0]) if _registered_before(children, first[0], second[0]) else \
+                (second[0], first[0])
+            return FFNSpec((type(module).__name__,), up=up, down=down, act=acts[0])
+        ups, downs = (first, second) if len(first) == 2 else (second, first)
+        gates = [name for name in ups if "gate" in name.lower()]
+        if len(ups) == 2 and len(downs) == 1 and len(gates) == 1:
+            up = next(name for name in ups if name != gates[0])
+            return FFNSpec((type(module).__name__,), up=up, down=downs[0], act=acts[0], gate=gates[0])
+    if not pairs and len(squares) == 1:
+        up, down = squares[0]
+        return FFNSpec((type(module).__name__,), up=up, down=down, act=acts[0])
+    return None
+
+
+def _registered_before(children: list[tuple[str, nn.Module]], a: str, b: str) -> bool:
+    names = [name for name, _ in children]
+    return names.index(a) < names.index(b)
+
+
+def _by_structure(model: nn.Module) -> list[FFN]:
+    found: list[FFN] = []
+    specs: dict[FFNSpec, None] = {}  # the distinct layouts found, in order
+    for name, module in model.named_modules():
+        if any(name.startswith(f"{ffn.name}.") for ffn in found):
+            continue  # inside an FFN already found
+        spec = structural_spec(module)
+        if spec is not None:
+            found.append(_record(name, module, spec, "structure", _in_decoder(model, name)))
+            specs[spec] = None
+    if found:
+        warnings.warn(f"find_ffns: no module of {type(model).__name__} is in leanformer's FFN table; found "
+                      f"{len(found)} FFN(s) by structure: {', '.join(map(repr, specs))}. Pass specs=[...] with "
+                      "these to make it explicit (and silence this warning)", stacklevel=3)
     return found

@@ -6,9 +6,12 @@ PowerInfer (Song et al. 2023) and Deja Vu (Liu et al. 2023) predict the active u
 small per-layer predictors so that the gate, up and down projections are all computed for them only.
 `sparsify_for_inference` swaps every FFN found by `find_ffns` for a sparse one, in place:
 
-* ``mode="exact"`` — gated FFNs (LLaMA/Mistral/Qwen2): the gate is computed densely, then only the active
-  rows of up and of down (neuron-major). Plain FFNs (BERT, ViT/Swin `Mlp`, MS-MLP): up is dense (it *is* the
-  activation), the down projection skips the zero units. Outputs equal the dense FFN up to float rounding.
+* ``mode="exact"`` — gated FFNs (LLaMA/Mistral/Qwen2, T5 gated, timm SwiGLU) whose module holds separate gate,
+  up and down Linears: the gate is computed densely, then only the active rows of up and of down (neuron-major).
+  Every other FFN (BERT, OPT, GPT-2's Conv1D, ViT/Swin `Mlp`, 1x1 Conv2d `ConvMlp`, MS-MLP, a fused gate/up as in
+  Phi-3, or an FFN found by structure): up is dense, and the down projection is replaced by one that skips the
+  units zero for every token (`SparseInputLinear`, `SparseInputConv1D`, `SparseInputConv2d`). Outputs equal the
+  dense FFN up to float rounding.
 * ``mode="predictor"`` — gated FFNs: a `Predictors` set (see `predictor.py`) chooses the units, and gate, up and
   down are computed for those only. Units the predictor misses are lost (approximate); units it adds in
   excess are zeroed by the activation (harmless).
@@ -16,7 +19,9 @@ small per-layer predictors so that the gate, up and down projections are all com
 A batch of tokens shares one set of units, the union of theirs; when the union is larger than ``max_active``
 (a fraction of the hidden units) the layer runs dense. ``max_active="auto"`` measures, for each FFN shape on
 this machine, the largest active fraction at which the sparse path is still faster than the dense one.
-Each swapped module counts which path ran (`inference_report`); nothing falls back silently.
+Each swapped module counts which path ran (`inference_report`); nothing falls back silently. Under autocast
+(bf16 or fp16, CPU or GPU) the sparse products run in autocast's dtype as the dense layers would; only inputs
+whose dtype differs from the weights' without autocast run dense (and torch raises its own error).
 The down weight is re-laid out neuron-major *in place* (the parameter becomes a transposed view of a
 contiguous (hidden, out) tensor), so memory and ``state_dict`` keys are unchanged.
 """
@@ -32,11 +37,11 @@ import torch.nn.functional as F
 
 from .._timing import time_interleaved
 from .activations import FATReLU, TopK
-from .ffn import FFN, FFNSpec, find_ffns
+from .ffn import FFN, FFNSpec, find_ffns, layer_kind
 from .kernels import backend, gated_down, gather_matmul, input_sparse_down, scatter_matmul
 
-__all__ = ["INFERENCE_MODES", "SparseGatedFFN", "SparseInputLinear", "calibrate_max_active", "inference_report",
-           "sparsify_for_inference"]
+__all__ = ["INFERENCE_MODES", "SparseGatedFFN", "SparseInputConv1D", "SparseInputConv2d", "SparseInputLinear",
+           "calibrate_max_active", "inference_report", "sparsify_for_inference"]
 
 INFERENCE_MODES = ("exact", "predictor")
 _ELEMENTWISE = (nn.ReLU, FATReLU)
@@ -44,11 +49,25 @@ _PATH_NAMES = {"native": "sparse-native", "torch": "sparse-torch"}  # as reporte
 _CALIBRATION_FRACTIONS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
-def _neuron_major(linear: nn.Linear) -> None:
-    """Store a down Linear's (out, hidden) weight as the transpose of a contiguous (hidden, out) tensor."""
-    if not linear.weight.t().is_contiguous():
-        weight_t = linear.weight.detach().t().contiguous()
-        linear.weight = nn.Parameter(weight_t.t(), requires_grad=linear.weight.requires_grad)
+def _neuron_major(layer: nn.Module) -> None:
+    """Store a down projection's weight so that its (hidden, out) transpose is contiguous: each hidden unit's
+    weights one row. The parameter keeps its shape (a view of the new storage), so ``state_dict`` is unchanged;
+    a transformers Conv1D already stores (in, out)."""
+    kind = layer_kind(layer)
+    matrix = kind.weight(layer)
+    if not matrix.t().is_contiguous():
+        weight_t = matrix.detach().t().contiguous()
+        layer.weight = nn.Parameter(kind.as_param(weight_t.t()), requires_grad=layer.weight.requires_grad)
+
+
+def _compute_dtype(tokens: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype a sparse path computes in: autocast's when autocast is on for the tokens' device (a Linear would
+    compute in it), else the weight's. None when the tokens' dtype is not the weight's without autocast: the
+    dense layer then runs, and raises torch's own error."""
+    device = tokens.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype if tokens.dtype == weight.dtype else None
 
 
 class _CountsPaths:
@@ -67,12 +86,15 @@ class SparseGatedFFN(nn.Module, _CountsPaths):
     """A gated FFN, down(act(gate(x)) * up(x)), computing only the active hidden units.
 
     Holds the original gate/up/down Linears and activation under their original attribute names, so the
-    ``state_dict`` keys are those of the FFN it replaces.
+    ``state_dict`` keys are those of the FFN it replaces. Under autocast (bf16/fp16) the sparse products run in
+    autocast's dtype, as the Linears would.
     """
 
     def __init__(self, ffn: FFN, mode: str = "exact", predictor: nn.Module | None = None, max_active: float = 1.0):
         super().__init__()
-        names = _child_names(ffn)
+        names = _gated_layout(ffn)
+        if names is None:
+            raise ValueError(f"{ffn.name or type(ffn.module).__name__}: {_GATED_LAYOUT}")
         for role, attr in names.items():
             self.add_module(attr, {"gate": ffn.gate, "up": ffn.up, "down": ffn.down, "act": ffn.act}[role])
         self._roles = tuple(names[role] for role in ("gate", "up", "down", "act"))  # attribute names, in this order
@@ -86,33 +108,65 @@ class SparseGatedFFN(nn.Module, _CountsPaths):
         gate, up, down, act = map(self._modules.__getitem__, self._roles)  # per token: the cheapest lookup
         tokens = x.reshape(-1, x.shape[-1])
         hidden = down.in_features
-        limit = int(self.max_active * hidden)
-        if self.mode == "exact":
-            threshold = _fusable_threshold(act)
-            a = gate(tokens) if threshold is not None else act(gate(tokens))
-            out, count, path = gated_down(tokens, a, up.weight, up.bias, down.weight.t(), limit, threshold)
-            if out is None and threshold is not None:
-                a = act(a)
-        else:
-            index = self.predictor.predict(tokens).any(0).nonzero().squeeze(1)
-            out, count = None, index.numel()
-            if count <= limit:
-                path = backend(tokens, gate.weight, up.weight, down.weight)
-                h = act(_gathered(tokens, gate, index)) * _gathered(tokens, up, index)
-                out = scatter_matmul(h, down.weight.t(), index)
+        dtype = _compute_dtype(tokens, up.weight)
+        out = a = None
+        if dtype is not None:
+            tokens = tokens.to(dtype)
+            run = self._exact if self.mode == "exact" else self._predicted
+            out, a, count, path = run(tokens, gate, up, down, act, int(self.max_active * hidden))
         if out is None:
             self._count("dense", hidden, hidden)
-            if self.mode != "exact":
+            if a is None:
                 a = act(gate(tokens))
             return down(a * up(tokens)).reshape(*x.shape[:-1], down.out_features)
         if down.bias is not None:
-            out = out + down.bias
+            out = out + down.bias.to(out.dtype)
         self._count(_PATH_NAMES[path], count, hidden)
         return out.reshape(*x.shape[:-1], down.out_features)
 
+    @staticmethod
+    def _exact(tokens, gate, up, down, act, limit: int) -> tuple:
+        """(out or None, act(gate(x)) if computed, active units, backend): gate dense, up and down sparse."""
+        threshold = _fusable_threshold(act)
+        a = gate(tokens) if threshold is not None else act(gate(tokens))
+        out, count, path = gated_down(tokens, a, up.weight, up.bias, down.weight.t(), limit, threshold)
+        if out is None and threshold is not None:
+            a = act(a)
+        return out, a, count, path
 
-class SparseInputLinear(nn.Linear, _CountsPaths):
-    """The down Linear of a plain FFN, skipping the input units that are zero for every token of the call."""
+    def _predicted(self, tokens, gate, up, down, act, limit: int) -> tuple:
+        """(out or None, None, predicted units, backend): gate, up and down for the predicted units only."""
+        index = self.predictor.predict(tokens).any(0).nonzero().squeeze(1)
+        if index.numel() > limit:
+            return None, None, index.numel(), "torch"
+        path = backend(tokens, gate.weight, up.weight, down.weight)
+        h = act(_gathered(tokens, gate, index)) * _gathered(tokens, up, index)
+        return scatter_matmul(h, down.weight.t(), index), None, index.numel(), path
+
+
+class _SparseInput(_CountsPaths):
+    """The forward shared by the sparse down projections of `sparsify_for_inference`: the units zero for every
+    token of the call are skipped; each layer type says how its input becomes (tokens, units) rows and back."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        tokens = self._tokens(h)
+        weight_t = self._weight_t()
+        hidden = weight_t.shape[0]
+        dtype = None if tokens is None else _compute_dtype(tokens, weight_t)
+        out = None
+        if dtype is not None:
+            out, count, path = input_sparse_down(tokens.to(dtype), weight_t, int(self.max_active * hidden))
+        if out is None:
+            self._count("dense", hidden, hidden)
+            return self._dense(h)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        self._count(_PATH_NAMES[path], count, hidden)
+        return self._from_tokens(out, h)
+
+
+class SparseInputLinear(_SparseInput, nn.Linear):
+    """The down Linear of an FFN, skipping the input units that are zero for every token of the call."""
 
     def __init__(self, linear: nn.Linear, max_active: float = 1.0):
         nn.Module.__init__(self)
@@ -122,21 +176,86 @@ class SparseInputLinear(nn.Linear, _CountsPaths):
         self.max_active = max_active
         self._reset_counts()
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        tokens = h.reshape(-1, self.in_features)
-        out, count, path = input_sparse_down(tokens, self.weight.t(), int(self.max_active * self.in_features))
-        if out is None:
-            self._count("dense", self.in_features, self.in_features)
-            return F.linear(h, self.weight, self.bias)
-        if self.bias is not None:
-            out = out + self.bias
-        self._count(_PATH_NAMES[path], count, self.in_features)
+    def _tokens(self, h: torch.Tensor) -> torch.Tensor:
+        return h.reshape(-1, self.in_features)
+
+    def _weight_t(self) -> torch.Tensor:
+        return self.weight.t()
+
+    def _dense(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.weight, self.bias)
+
+    def _from_tokens(self, out: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         return out.reshape(*h.shape[:-1], self.out_features)
+
+
+class SparseInputConv1D(_SparseInput, nn.Module):
+    """The down projection of a GPT-2 FFN (transformers' Conv1D, weight (in, out): already neuron-major),
+    skipping the input units that are zero for every token of the call."""
+
+    def __init__(self, conv: nn.Module, max_active: float = 1.0):
+        nn.Module.__init__(self)
+        self.nx, self.nf = conv.weight.shape
+        self.weight, self.bias = conv.weight, conv.bias
+        self.max_active = max_active
+        self._reset_counts()
+
+    def _tokens(self, h: torch.Tensor) -> torch.Tensor:
+        return h.reshape(-1, self.nx)
+
+    def _weight_t(self) -> torch.Tensor:
+        return self.weight
+
+    def _dense(self, h: torch.Tensor) -> torch.Tensor:  # as Conv1D computes it
+        rows = h.reshape(-1, self.nx)
+        out = rows @ self.weight if self.bias is None else torch.addmm(self.bias, rows, self.weight)
+        return out.view(*h.shape[:-1], self.nf)
+
+    def _from_tokens(self, out: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return out.reshape(*h.shape[:-1], self.nf)
+
+    def extra_repr(self) -> str:
+        return f"nf={self.nf}, nx={self.nx}"
+
+
+_CONV2D_ATTRIBUTES = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "transposed",
+                      "output_padding", "groups", "padding_mode", "_reversed_padding_repeated_twice")
+
+
+class SparseInputConv2d(_SparseInput, nn.Conv2d):
+    """The 1x1 Conv2d down projection of an FFN on NCHW maps (timm ConvMlp, Mlp(use_conv=True)), skipping the
+    channels that are zero at every position of the call; an unbatched (C, H, W) input runs dense."""
+
+    def __init__(self, conv: nn.Conv2d, max_active: float = 1.0):
+        nn.Module.__init__(self)
+        for attr in _CONV2D_ATTRIBUTES:
+            setattr(self, attr, getattr(conv, attr))
+        _neuron_major(conv)
+        self.weight, self.bias = conv.weight, conv.bias
+        self.max_active = max_active
+        self._reset_counts()
+
+    def _tokens(self, h: torch.Tensor) -> torch.Tensor | None:
+        return h.movedim(1, -1).reshape(-1, self.in_channels) if h.dim() == 4 else None
+
+    def _weight_t(self) -> torch.Tensor:
+        return self.weight[:, :, 0, 0].t()
+
+    def _dense(self, h: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(h, self.weight, self.bias)
+
+    def _from_tokens(self, out: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        out = out.reshape(h.shape[0], *h.shape[2:], self.out_channels).movedim(-1, 1)
+        return out.contiguous() if h.is_contiguous() else out  # the memory format a conv of ``h`` returns
+
+
+# LayerKind name of an FFN's down projection -> its sparse replacement
+_SPARSE_DOWN = {"Linear": SparseInputLinear, "Conv1D": SparseInputConv1D, "Conv2d": SparseInputConv2d}
 
 
 def _gathered(tokens: torch.Tensor, linear: nn.Linear, index: torch.Tensor) -> torch.Tensor:
     out = gather_matmul(tokens, linear.weight, index)
-    return out if linear.bias is None else out + linear.bias[index]
+    return out if linear.bias is None else out + linear.bias[index].to(out.dtype)
 
 
 def _fusable_threshold(act: nn.Module) -> float | None:
@@ -147,16 +266,29 @@ def _fusable_threshold(act: nn.Module) -> float | None:
     return getattr(act, "threshold", 0.0)
 
 
-def _child_names(ffn: FFN) -> dict[str, str]:
-    """Attribute names, on the FFN's own module, of its gate/up/down Linears and its activation."""
+_GATED_LAYOUT = ("the whole-FFN sparse path needs separate gate and up Linears, a Linear down projection and the "
+                 "activation as direct children of a module known from the table or specs, with nothing else "
+                 "computing in it (dropout and identity aside)")
+_INERT = (nn.Dropout, nn.Identity)  # children a gated FFN may hold besides its layers: no-ops in eval
+
+
+def _gated_layout(ffn: FFN) -> dict[str, str] | None:
+    """Attribute names, on the FFN's own module, of its gate/up/down Linears and its activation, if
+    `SparseGatedFFN` may replace that module (see ``_GATED_LAYOUT``: it computes down(act(gate(x)) * up(x)) and
+    nothing more); None otherwise, and then only the down projection is made sparse (exact all the same)."""
+    if not ffn.gated or ffn.fused or ffn.found_by == "structure" or ffn.act_parent is not ffn.module \
+            or any(layer_kind(layer).name != "Linear" for layer in (ffn.gate, ffn.up, ffn.down)) \
+            or next(ffn.module.parameters(recurse=False), None) is not None:
+        return None
     wanted = {"gate": ffn.gate, "up": ffn.up, "down": ffn.down}
-    names = {role: name for role, module in wanted.items() for name, child in ffn.module.named_children()
-             if child is module}
-    missing = sorted(set(wanted) - set(names))
-    if missing or ffn.act_parent is not ffn.module:
-        raise ValueError(f"{ffn.name or type(ffn.module).__name__}: sparse inference of a gated FFN needs its "
-                         f"gate, up, down and activation as direct children of {type(ffn.module).__name__}")
-    return {**names, "act": ffn.act_attr}
+    names = {}
+    for name, child in ffn.module.named_children():
+        role = next((role for role, layer in wanted.items() if child is layer), None)
+        if role is not None:
+            names[role] = name
+        elif name != ffn.act_attr and not isinstance(child, _INERT):
+            return None
+    return {**names, "act": ffn.act_attr} if len(names) == 3 else None
 
 
 def _activation_kind(act: nn.Module) -> str | None:
@@ -184,16 +316,14 @@ def _validate(model: nn.Module, ffns: list[FFN], mode: str, predictors, specs) -
             raise ValueError(f"{where}: activation {type(ffn.act).__name__} is not sparse; sparse inference needs "
                              "ReLU, FATReLU or Top-k (leanformer.relufy / prosparse / apply_topk first)")
         if mode == "predictor":
-            if not ffn.gated:
-                raise ValueError(f"{where}: mode='predictor' supports gated FFNs (LLaMA/Mistral/Qwen2); "
-                                 f"use mode='exact' for {type(ffn.module).__name__}")
+            if _gated_layout(ffn) is None:
+                raise ValueError(f"{where}: mode='predictor' supports gated FFNs (LLaMA/Mistral/Qwen2): "
+                                 f"{_GATED_LAYOUT}; use mode='exact' for {type(ffn.module).__name__}")
             if kind != "elementwise":
                 raise ValueError(f"{where}: mode='predictor' needs an elementwise activation (ReLU/FATReLU): "
                                  "Top-k needs every unit's value")
             if ffn.name not in predictors:
                 raise ValueError(f"predictors have no entry for FFN {ffn.name!r}")
-        if ffn.gated:
-            _child_names(ffn)
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -211,11 +341,13 @@ def calibrate_max_active(ffn: FFN, mode: str = "exact", fractions: Iterable[floa
     the predictor itself is left out: it has run before the choice is made. Returns 0.0 when sparse never pays
     (every call then runs dense).
     """
+    gated = _gated_layout(ffn) is not None
     _neuron_major(ffn.down)
-    weight, hidden = ffn.down.weight, ffn.hidden_features
-    x = torch.randn(1, ffn.up.in_features, dtype=weight.dtype, device=weight.device)
-    if ffn.gated:
-        dense = lambda: F.linear(F.linear(x, ffn.gate.weight) * F.linear(x, ffn.up.weight), weight)
+    weight, hidden = ffn.weight("down"), ffn.hidden_features
+    x = torch.randn(1, ffn.in_features, dtype=weight.dtype, device=weight.device)
+    if gated:
+        gate_weight, up_weight = ffn.weight("gate"), ffn.weight("up")
+        dense = lambda: F.linear(F.linear(x, gate_weight) * F.linear(x, up_weight), weight)
     else:
         h = torch.rand(1, hidden, dtype=weight.dtype, device=weight.device)
         dense = lambda: F.linear(h, weight)
@@ -224,15 +356,15 @@ def calibrate_max_active(ffn: FFN, mode: str = "exact", fractions: Iterable[floa
     for fraction in sorted(fractions):
         keep = torch.zeros(1, hidden, dtype=torch.bool, device=weight.device)
         keep[0, torch.randperm(hidden, device=weight.device)[: max(1, int(fraction * hidden))]] = True
-        if not ffn.gated:
+        if not gated:
             sparse = lambda kept=h * keep: input_sparse_down(kept, weight.t(), hidden)
         elif mode == "exact":
             sparse = lambda keep=keep: gated_down(
-                x, F.linear(x, ffn.gate.weight) * keep, ffn.up.weight, None, weight.t(), hidden)
+                x, F.linear(x, gate_weight) * keep, up_weight, None, weight.t(), hidden)
         else:
             index = keep[0].nonzero().squeeze(1)
             sparse = lambda index=index: scatter_matmul(
-                gather_matmul(x, ffn.gate.weight, index) * gather_matmul(x, ffn.up.weight, index), weight.t(), index)
+                gather_matmul(x, gate_weight, index) * gather_matmul(x, up_weight, index), weight.t(), index)
         if time_interleaved({"sparse": sparse}, runs)["sparse"]["median_s"] >= dense_time:
             break
         best = fraction
@@ -250,7 +382,7 @@ def sparsify_for_inference(model: nn.Module, mode: str = "exact", predictors=Non
     is validated before the model is touched. Works under ``model.generate()``; use `inference_report` to see
     which path ran.
     """
-    if any(isinstance(m, (SparseGatedFFN, SparseInputLinear)) for m in model.modules()):
+    if any(isinstance(m, _CountsPaths) for m in model.modules()):
         raise ValueError("model already has sparse-inference FFNs (sparsify_for_inference was applied before)")
     if not (max_active == "auto" or (isinstance(max_active, (int, float)) and not isinstance(max_active, bool)
                                      and 0.0 <= max_active <= 1.0)):
@@ -259,17 +391,18 @@ def sparsify_for_inference(model: nn.Module, mode: str = "exact", predictors=Non
     _validate(model, ffns, mode, predictors, specs)
     calibrated: dict[tuple, float] = {}
     for ffn in ffns:
+        gated = _gated_layout(ffn) is not None
         limit = max_active
         if max_active == "auto":
-            key = (ffn.gated, ffn.up.in_features, ffn.hidden_features, ffn.down.out_features, ffn.down.weight.dtype)
+            key = (gated, ffn.in_features, ffn.hidden_features, ffn.out_features, ffn.down.weight.dtype)
             if key not in calibrated:
                 calibrated[key] = calibrate_max_active(ffn, mode)
             limit = calibrated[key]
-        if ffn.gated:
+        if gated:
             _replace(model, ffn.name, SparseGatedFFN(ffn, mode, predictors[ffn.name] if predictors else None, limit))
         else:
             down_name = next(name for name, module in ffn.module.named_modules() if module is ffn.down)
-            _replace(ffn.module, down_name, SparseInputLinear(ffn.down, limit))
+            _replace(ffn.module, down_name, _SPARSE_DOWN[layer_kind(ffn.down).name](ffn.down, limit))
     return model
 
 
@@ -278,7 +411,7 @@ def inference_report(model: nn.Module, reset: bool = False) -> dict[str, dict]:
     fraction of hidden units computed, and its ``max_active``; ``reset`` then zeroes the counts."""
     report = {}
     for name, module in model.named_modules():
-        if isinstance(module, (SparseGatedFFN, SparseInputLinear)):
+        if isinstance(module, _CountsPaths):
             calls = dict(module.calls)
             computed, total = calls.pop("units_computed", 0), calls.pop("units_total", 0)
             report[name] = {"calls": calls, "computed_fraction": computed / total if total else None,

@@ -58,19 +58,26 @@ def _check(a: torch.Tensor, w: torch.Tensor, index: torch.Tensor, what: str) -> 
         raise ValueError(f"{what}: index must be int64, got {index.dtype}")
 
 
+def _rows(weight: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``index`` of ``weight`` in ``dtype``: only the selected rows are cast (fp32 weights under autocast)."""
+    return weight.index_select(0, index).to(dtype)
+
+
 def gather_matmul(x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x @ weight[index].T``: rows ``index`` of a Linear's (out, in) weight applied to x (b, in) -> (b, k)."""
+    """``x @ weight[index].T``: rows ``index`` of a Linear's (out, in) weight applied to x (b, in) -> (b, k),
+    computed in x's dtype (the selected rows are cast to it)."""
     _check(x, weight, index, "gather_matmul")
     if backend(x, weight) == "native":
         return _native_kernels("sparse_ffn").gather_matmul(x.contiguous(), weight.contiguous(), index.contiguous())
-    return x @ weight.index_select(0, index).T
+    return x @ _rows(weight, index, x.dtype).T
 
 
 def scatter_matmul(h: torch.Tensor, weight_t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``h @ weight_t[index]``: the down projection from the k active units h (b, k) -> (b, m).
 
     ``weight_t`` is the down Linear's weight transposed to (hidden, out), neuron-major, so a unit's
-    weights are one contiguous row.
+    weights are one contiguous row. Computed in h's dtype: a weight of another dtype (fp32 under bf16/fp16
+    autocast) has its selected rows cast, as ``embedding_bag`` takes one dtype only.
     """
     _check(h, weight_t, index, "scatter_matmul")
     if h.shape[1] != index.numel():
@@ -80,6 +87,8 @@ def scatter_matmul(h: torch.Tensor, weight_t: torch.Tensor, index: torch.Tensor)
                                                             index.contiguous())
     if index.numel() == 0:
         return h.new_zeros(h.shape[0], weight_t.shape[1])
+    if weight_t.dtype != h.dtype:
+        return h @ _rows(weight_t, index, h.dtype)
     bags = index.expand(h.shape[0], -1)  # every token sums the same rows, weighted by its own h
     return F.embedding_bag(bags, weight_t, per_sample_weights=h, mode="sum")
 
@@ -109,7 +118,7 @@ def gated_down(x: torch.Tensor, a: torch.Tensor, up_weight: torch.Tensor, up_bia
         return SparseCall(None, index.numel(), "torch")
     up = gather_matmul(x, up_weight, index)
     if up_bias is not None:
-        up = up + up_bias[index]
+        up = up + up_bias[index].to(up.dtype)
     return SparseCall(scatter_matmul(a.index_select(1, index) * up, weight_t, index), index.numel(), "torch")
 
 

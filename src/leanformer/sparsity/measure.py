@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from .._io import atomic_write
 from ._batches import split_batch
+from ._tokens import align_mask, mask_of, padding_masks
 from .ffn import FFNSpec, find_ffns
 
 __all__ = ["LayerSparsity", "SparsityReport", "measure_sparsity"]
@@ -122,11 +123,8 @@ class _LayerCounter:
         self.has_sequence = False
 
     def update(self, x1: torch.Tensor, mask: torch.Tensor | None) -> None:
-        if mask is not None:
-            if tuple(mask.shape) != tuple(x1.shape[:-1]):
-                raise ValueError(f"{self.name}: attention mask of shape {tuple(mask.shape)} does not match the FFN's "
-                                 f"tokens {tuple(x1.shape[:-1])} (x1 has shape {tuple(x1.shape)})")
-            mask = mask.to(x1.device)
+        """Count one call's x1, features last; ``mask`` as the batch gave it (see `align_mask`)."""
+        x1, mask = align_mask(x1, mask, self.name)
         if self.histogram is None:
             self.histogram = torch.zeros(self.hidden + 1, dtype=torch.int64, device=x1.device)
             self.union_sum = torch.zeros((), dtype=torch.float64, device=x1.device)
@@ -190,11 +188,11 @@ def measure_sparsity(model: nn.Module, batches: Iterable, specs: Iterable[FFNSpe
     ffns = find_ffns(model, specs)
     counters = [_LayerCounter(ffn.name, ffn.hidden_features) for ffn in ffns]
     modes = [(module, module.training) for module in model.modules()]
-    current_mask: list[torch.Tensor | None] = [None]  # the running batch's mask, read by the hooks
+    current = {False: None, True: None}  # the running batch's encoder/decoder masks, read by the hooks
 
-    def make_hook(counter: _LayerCounter):
+    def make_hook(ffn, counter: _LayerCounter):
         def hook(_module, args):
-            counter.update(args[0], current_mask[0])
+            counter.update(ffn.features_last(args[0]), mask_of(ffn, current))
 
         return hook
 
@@ -202,16 +200,16 @@ def measure_sparsity(model: nn.Module, batches: Iterable, specs: Iterable[FFNSpe
     n_batches = 0
     try:
         for ffn, counter in zip(ffns, counters, strict=True):
-            handles.append(ffn.down.register_forward_pre_hook(make_hook(counter)))
+            handles.append(ffn.down.register_forward_pre_hook(make_hook(ffn, counter)))
         model.eval()
         with torch.no_grad():
             for batch in batches:
                 call = split_batch(batch)
-                current_mask[0] = call.padding_mask(mask_key)
+                current.update(padding_masks(call, mask_key))
                 call.run(model)
                 n_batches += 1
     finally:
-        current_mask[0] = None
+        current.update({False: None, True: None})
         for handle in handles:
             handle.remove()
         for module, training in modes:

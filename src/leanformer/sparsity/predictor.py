@@ -39,6 +39,7 @@ from tqdm import tqdm
 from .._checks import is_int, is_real
 from .._io import atomic_write
 from ._batches import split_batch
+from ._tokens import align_mask, mask_of, padding_masks
 from .ffn import FFN, FFNSpec, find_ffns
 
 __all__ = ["LayerPrediction", "LowRankPredictor", "PredictorConfig", "PredictorReport", "Predictors",
@@ -250,7 +251,7 @@ class Predictors(nn.Module):
                 raise ValueError(f"no predictor for FFN {ffn.name!r} of {type(model).__name__}; predictors exist "
                                  f"for {self._names}")
             predictor = self[ffn.name]
-            expected = (ffn.up.in_features, ffn.hidden_features)
+            expected = (ffn.in_features, ffn.hidden_features)
             if (predictor.in_features, predictor.hidden_features) != expected:
                 raise ValueError(f"predictor for FFN {ffn.name!r} maps {predictor.in_features} -> "
                                  f"{predictor.hidden_features} features, but the FFN has {expected[0]} inputs and "
@@ -296,28 +297,26 @@ def _run_ffns(model: nn.Module, batches: Iterable, ffns: list[FFN], mask_key: st
     """Run ``model`` (eval, no_grad) over ``batches``; for every FFN call, ``on_tokens(index, x, active)`` gets its
     input tokens [n, in] and their ``x1 != 0`` [n, hidden] (padding tokens left out). Hooks always come off."""
     pending: list[torch.Tensor | None] = [None] * len(ffns)  # the FFN input, from up's call to down's
-    current_mask: list[torch.Tensor | None] = [None]
+    current: dict = {False: None, True: None}  # the running batch's encoder/decoder masks
 
     def up_hook(index: int):
         def hook(_module, args):
-            pending[index] = args[0]
+            pending[index] = ffns[index].features_last(args[0])
 
         return hook
 
     def down_hook(index: int):
         def hook(_module, args):
+            ffn = ffns[index]
             x, pending[index] = pending[index], None
-            x1 = args[0]
+            x1 = ffn.features_last(args[0])
             if x is None or x.shape[:-1] != x1.shape[:-1]:
-                raise ValueError(f"FFN {ffns[index].name!r}: the input of its down projection (shape "
+                raise ValueError(f"FFN {ffn.name!r}: the input of its down projection (shape "
                                  f"{tuple(x1.shape)}) does not follow an up projection call over the same tokens")
+            x1, mask = align_mask(x1, mask_of(ffn, current), f"FFN {ffn.name!r}")
             x, active = x.detach().reshape(-1, x.shape[-1]), (x1.detach() != 0).reshape(-1, x1.shape[-1])
-            mask = current_mask[0]
             if mask is not None:
-                if tuple(mask.shape) != tuple(x1.shape[:-1]):
-                    raise ValueError(f"FFN {ffns[index].name!r}: attention mask of shape {tuple(mask.shape)} does "
-                                     f"not match its tokens {tuple(x1.shape[:-1])}")
-                keep = mask.reshape(-1).to(x.device)
+                keep = mask.reshape(-1)
                 x, active = x[keep], active[keep]
             on_tokens(index, x, active)
 
@@ -334,7 +333,7 @@ def _run_ffns(model: nn.Module, batches: Iterable, ffns: list[FFN], mask_key: st
         with torch.no_grad():
             for batch in batches:
                 call = split_batch(batch)
-                current_mask[0] = call.padding_mask(mask_key)
+                current.update(padding_masks(call, mask_key))
                 call.run(model)
                 n_batches += 1
     finally:

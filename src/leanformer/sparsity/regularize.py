@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from .._checks import is_int, is_real
+from ._tokens import PaddingMasks, align_mask, mask_of
 from .ffn import FFN, FFNSpec, find_ffns
 
 __all__ = ["PROSPARSE_13B", "PROSPARSE_7B", "NORMALIZATIONS", "ProSparseSchedule", "SparsityRegularizer"]
@@ -169,7 +170,7 @@ class SparsityRegularizer:
         self.ffns: list[FFN] = find_ffns(model, specs)
         self.current_lambda = 0.0
         self._total: torch.Tensor | None = None
-        self._mask: torch.Tensor | None = None
+        self._masks: PaddingMasks = {False: None, True: None}
         self._zero_fractions: dict[int, torch.Tensor] = {}  # FFN index -> zero fraction in its last forward
         self._handles = [ffn.down.register_forward_pre_hook(self._hook_for(i)) for i, ffn in enumerate(self.ffns)]
 
@@ -181,7 +182,9 @@ class SparsityRegularizer:
         return hook
 
     def _measure(self, index: int, x1: torch.Tensor) -> None:
-        mask = self._token_weights(x1)
+        ffn = self.ffns[index]
+        x1, mask = align_mask(ffn.features_last(x1), mask_of(ffn, self._masks), ffn.name)
+        mask = None if mask is None else mask.to(torch.float32)
         units = x1.shape[-1]
         # abs saves x1 (already kept by the down matmul); the per-token sums keep nothing of x1's size
         per_token = x1.abs().sum(-1, dtype=torch.float32)
@@ -196,22 +199,19 @@ class SparsityRegularizer:
             zeros = zeros.sum() if mask is None else (zeros * mask).sum()
             self._zero_fractions[index] = zeros / (tokens * units)  # a tensor: no device sync here
 
-    def _token_weights(self, x1: torch.Tensor) -> torch.Tensor | None:
-        if self._mask is None:
-            return None
-        if tuple(self._mask.shape) != tuple(x1.shape[:-1]):
-            raise ValueError(f"attention mask of shape {tuple(self._mask.shape)} does not match the FFN input's "
-                             f"token shape {tuple(x1.shape[:-1])}")
-        return self._mask.to(device=x1.device, dtype=torch.float32)
-
     @contextmanager
-    def attention_mask(self, mask: torch.Tensor | None) -> Iterator[SparsityRegularizer]:
-        """Count only the tokens where ``mask`` is nonzero (shape: the FFN input without its last dim)."""
-        previous, self._mask = self._mask, (None if mask is None else mask.detach())
+    def attention_mask(self, mask: torch.Tensor | None,
+                       decoder_mask: torch.Tensor | None = None) -> Iterator[SparsityRegularizer]:
+        """Count only the tokens where ``mask`` is nonzero (shape: the FFN input without its features, or
+        (batch, seq) for an FFN that flattens them); the decoder FFNs of an encoder-decoder model (T5) use
+        ``decoder_mask`` instead, all their tokens when it is None."""
+        previous = self._masks
+        self._masks = {False: None if mask is None else mask.detach(),
+                       True: None if decoder_mask is None else decoder_mask.detach()}
         try:
             yield self
         finally:
-            self._mask = previous
+            self._masks = previous
 
     def loss(self, step: float) -> torch.Tensor:
         """λ(step) times the L1 sum since the last call (a zero tensor if λ is 0 or nothing was counted)."""
