@@ -13,8 +13,10 @@ import sys
 from collections.abc import Callable, Sequence
 from os import PathLike
 
+import torch
 import torch.nn as nn
 
+from .._machine import check_fits_in_memory
 from ._checkpoint import load_checkpoint
 from ._features import FeatureExtractor
 
@@ -37,6 +39,15 @@ def list_models(pattern: str = "*") -> list[str]:
 
 def is_model(name: str) -> bool:
     return name in _entrypoints
+
+
+def weight_bytes(build: Callable[[], nn.Module]) -> int:
+    """Bytes of the parameters and buffers ``build()`` would allocate, found by building it on the meta device
+    (no memory, no initialisation work)."""
+    with torch.device("meta"):
+        model = build()
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def model_entrypoint(name: str) -> Callable[..., nn.Module]:
@@ -73,6 +84,7 @@ def create_model(
             "pass a local file with checkpoint_path=..."
         )
     try:
+        check_fits_in_memory(weight_bytes(lambda: _entrypoints[name](**kwargs)), f"{name} with {kwargs or 'defaults'}")
         model = _entrypoints[name](**kwargs)
     except TypeError as err:  # an argument the constructor does not take
         raise ValueError(f"{name}: {err}") from err
