@@ -61,6 +61,9 @@ def run_cli(*argv: str) -> subprocess.CompletedProcess:
         (["--model-arg", "drop_path_rate"], "KEY=VALUE"),
         (["--model", "swin_tiny_patch4_window7_224", "--model-arg", "depths=[2]"], "depths"),
         (["--resume", "/no/such/run"], "/no/such/run"),
+        (["--weight-decay", "inf"], "weight_decay=inf"),
+        (["--label-smoothing", "nan"], "label_smoothing=nan"),
+        (["--clip-grad", "inf"], "clip_grad=inf"),
     ],
 )
 def test_train_errors_are_one_line_with_exit_code_2(argv, message, tmp_path):
@@ -79,8 +82,10 @@ def test_train_help_explains_every_option():
     proc = run_cli("train", "--help")
     assert proc.returncode == 0
     for flag in ("--model", "--data", "--epochs", "--batch-size", "--lr", "--img-size", "--seed", "--output",
-                 "--resume", "--workers", "--json", "--model-arg"):
+                 "--resume", "--workers", "--json", "--model-arg", "--overwrite"):
         assert flag in proc.stdout
+    text = " ".join(proc.stdout.split())
+    assert "already holds a checkpoint or results" in text and "in use" in text  # what --overwrite is for, and the lock
 
 
 def test_train_json_summary(tmp_path):
@@ -113,3 +118,40 @@ def test_train_with_compression_reports_the_saving(tmp_path):
     assert 0.2 < summary["saved_activation_ratio"] < 0.3 and summary["config"]["compress"] == "int8"
     proc = run_cli("train", "--compress", "int3", "--output", str(tmp_path / "x"))
     assert proc.returncode == 2 and "int8" in proc.stderr
+
+
+TINY = ["--img-size", "16", "--epochs", "1", "--batch-size", "64", "--no-progress", "--json"]
+
+
+def test_train_refuses_an_output_holding_a_run_unless_overwrite(tmp_path):
+    out = tmp_path / "run"
+    assert run_cli("train", *TINY, "--output", str(out)).returncode == 0
+    first = (out / "last" / "meta.json").read_text()
+    proc = run_cli("train", *TINY, "--seed", "1", "--output", str(out))
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert str(out) in proc.stderr and "--overwrite" in proc.stderr and "--resume" in proc.stderr
+    assert (out / "last" / "meta.json").read_text() == first  # untouched
+    proc = run_cli("train", *TINY, "--seed", "1", "--output", str(out), "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "result.json").read_text())["config"]["seed"] == 1
+    assert json.loads((out / "last" / "meta.json").read_text())["config"]["seed"] == 1
+    assert not (out / ".lock").exists()  # released and removed at the end
+
+
+def test_train_refuses_a_forged_meta_json(tmp_path):
+    assert run_cli("train", *TINY, "--output", str(tmp_path)).returncode == 0
+    meta_path = tmp_path / "last" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta.update(epoch=4, best_val_acc=0.999)
+    meta_path.write_text(json.dumps(meta))
+    proc = run_cli("train", "--resume", str(tmp_path), "--epochs", "1", "--no-progress")
+    assert proc.returncode == 2, proc.stderr
+    assert str(meta_path) in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_train_stops_at_a_non_finite_loss(tmp_path):
+    proc = run_cli("train", *TINY, "--lr", "1e30", "--warmup-epochs", "0", "--output", str(tmp_path))
+    assert proc.returncode == 2, proc.stderr
+    line = proc.stderr.strip().splitlines()
+    assert len(line) == 1 and "loss is nan at step 2" in line[0], proc.stderr
+    assert not (tmp_path / "result.json").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from leanformer.sparsity.prosparse import (
     task_loss_for,
 )
 from leanformer.sparsity.regularize import PROSPARSE_7B, ProSparseSchedule
+from leanformer.train.checkpoint import NonFiniteLossError, load_checkpoint_folder
 
 transformers = pytest.importorskip("transformers")
 
@@ -219,3 +221,23 @@ def test_bad_batches_are_reported():
         prosparse(tiny_llama(), train, config, [], progress=False)
     with pytest.raises(ValueError, match="no task loss known"):
         prosparse(nn.Linear(2, 2), train, config, val, progress=False)
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
+    config = ProSparseConfig(**RUN)
+    steps = []
+
+    def exploding(model, batch):
+        loss = causal_lm_loss(model, batch)
+        if model.training:  # evaluations call it too
+            steps.append(1)
+            if len(steps) == 7:
+                return loss * math.nan
+        return loss
+
+    train, val = data(config)
+    with pytest.raises(NonFiniteLossError, match="loss is nan at step 7") as err:
+        prosparse(tiny_llama(), train, config, val, progress=False, checkpoint_dir=tmp_path, loss_fn=exploding)
+    assert str(tmp_path) in str(err.value)
+    assert load_checkpoint_folder(tmp_path)[1]["step"] == 4  # the evaluation before, intact
+    assert not (tmp_path / ".lock").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import math
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from leanformer.adapters import smora_layers
 from leanformer.data import load_tokenizer
 from leanformer.data.tasks import load_task
 from leanformer.train import multitask
+from leanformer.train.checkpoint import NonFiniteLossError, load_checkpoint_folder
 from leanformer.train.multitask import (
     FinetuneConfig,
     MultiTaskClassifier,
@@ -194,3 +196,18 @@ def test_bad_tasks_are_refused_before_training(tiny_bert_dir, tasks, tmp_path):
         run(tiny_bert_dir, {"topic": (load_task(single), load_task(single))}, "smora")
     with pytest.raises(ValueError, match="resume=True needs out_dir"):
         run(tiny_bert_dir, tasks, "smora", resume=True)
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny_bert_dir, tasks, tmp_path, monkeypatch):
+    step, calls = multitask.train_step, []
+
+    def exploding(*args, **kwargs):
+        calls.append(1)
+        loss = step(*args, **kwargs)
+        return math.inf if len(calls) == 25 else loss
+
+    monkeypatch.setattr(multitask, "train_step", exploding)
+    with pytest.raises(NonFiniteLossError, match="loss is inf at step 25"):
+        run(tiny_bert_dir, tasks, "lora", tmp_path)
+    assert load_checkpoint_folder(tmp_path / "checkpoint")[1]["step"] == 20
+    assert not (tmp_path / "metrics.json").exists() and not (tmp_path / ".lock").exists()

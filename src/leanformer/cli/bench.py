@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from .._io import atomic_write
+from .._io import atomic_write, dumps_json
 from .._machine import machine_info
 from ..sparsity.speed import SPEED_MODES, time_sparse_ffn
 from ._options import check_positive
@@ -119,8 +118,7 @@ def run_sparse_ffn(args: argparse.Namespace) -> int:
     if args.plot is not None:
         plot(rows, modes, machine, args.plot)
     if args.json:
-        print(json.dumps({"machine": machine, "results": rows, "plot": None if args.plot is None else str(args.plot)},
-                         indent=2))
+        print(dumps_json({"machine": machine, "results": rows, "plot": None if args.plot is None else str(args.plot)}))
         return 0
     first = rows[0]
     print(f"{'gated' if first['gated'] else 'plain'} FFN {args.d_model}x{args.d_ff}, batch {args.batch}, "

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import textwrap
 import time
 from pathlib import Path
 
+from .._io import dumps_json
 from ..data.tasks import FORMATS, TaskData, load_task, split_task
 from ..train.multitask import FinetuneConfig, FinetuneResult, check_task_name, finetune
 from ._options import add_config_options, given_options
@@ -113,6 +113,10 @@ def add_parser(sub) -> None:
                    "(default: runs/finetune-<time>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run checkpointed in --out/checkpoint (give the same options as the first run)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (its checkpoint/, adapter/, metrics.json and labels.json "
+                   "are deleted first); without it such a folder is refused, and a folder in use by another process "
+                   "always is")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or per-evaluation lines")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     p.set_defaults(run=run)
@@ -190,14 +194,15 @@ def run(args: argparse.Namespace) -> int:
     tasks = load_tasks(specs, parse_columns(args.columns, list(specs)), args.test_fraction, config.seed)
     out = args.out or Path("runs") / time.strftime("finetune-%Y%m%d-%H%M%S")
     with hf_progress_bars(not args.no_progress):
-        result = finetune(base, tasks, config, out_dir=out, resume=args.resume, progress=not args.no_progress)
+        result = finetune(base, tasks, config, out_dir=out, resume=args.resume, progress=not args.no_progress,
+                          overwrite=args.overwrite)
     summarize(args, result, out)
     return 0
 
 
 def summarize(args: argparse.Namespace, result: FinetuneResult, out: Path) -> None:
     if args.json:
-        print(json.dumps({k: v for k, v in result.to_dict().items() if k != "history"}, indent=2))
+        print(dumps_json({k: v for k, v in result.to_dict().items() if k != "history"}))
         return
     name_width = max(len("average"), *(len(name) for name in result.tasks))
     lines = [f"{'task':<{name_width}}  {'train':>7}  {'test':>6}  {'classes':>7}  {'accuracy':>8}"]

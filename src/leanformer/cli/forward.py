@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 
+from .._io import dumps_json
 from ..data import digits
 from ..models import create_model
 
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         "labels": labels.tolist(),
     }
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(dumps_json(result))
     else:
         print(f"{args.model}: input {tuple(images.shape)} -> logits {tuple(logits.shape)} in {seconds * 1e3:.1f} ms "
               f"({result['images_per_s']} images/s)")

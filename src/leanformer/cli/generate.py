@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from collections import Counter
@@ -14,6 +13,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from .._io import dumps_json
 from ..data import decode_tokens, encode_text
 from ..sparsity import Predictors, inference_report, sparsify_for_inference
 from ..sparsity.kernels import backend
@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
 
 def summarize(args: argparse.Namespace, payload: dict) -> None:
     if args.json:
-        print(json.dumps(payload, indent=2))
+        print(dumps_json(payload))
         return
     mode = payload["sparse"] + ("" if payload["sparse"] == "off" else f" (max_active {payload['max_active']})")
     rows = [("model", payload["model"]), ("activation", payload["activation"]), ("sparse", mode),

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
+from .._io import dumps_json
 from ..models import create_model, list_models
 
 
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"no model matches {args.pattern!r}; known: {', '.join(list_models())}")
     rows = [describe(name, args.num_classes) for name in names]
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(dumps_json(rows))
         return 0
     print(f"{'model':<34} {'params':>13} {'img':>5} {'GMACs':>8}")
     for row in rows:

@@ -5,16 +5,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from .._io import write_json_atomic
+from .._io import dumps_json, write_json_atomic
+from .._runfolder import claim_run_folder
 from ..data import lm_batches, lm_eval_batches, load_text
 from ..sparsity import PredictorConfig, PredictorReport, evaluate_predictors, train_predictors
+from ..sparsity.predictor import FILE_NAME as PREDICTORS_FILE
 from ._causal_lm import add_model_options, load_sparsified_lm
 from ._options import add_config_options, check_positive, given_options
 from .sparsify import check_vocab
@@ -55,7 +56,10 @@ def add_parser(sub) -> None:
     add_model_options(p)
     p.add_argument("--data", required=True, help="UTF-8 text file; its last --val-fraction is held out")
     p.add_argument("--out", type=Path, default=None,
-                   help="folder for predictors.safetensors and predictors.json (default: the --model folder)")
+                   help="folder for predictors.safetensors and predictors.json (default: the --model folder); one "
+                   "that already holds them is refused (see --overwrite), and so is one in use by another process")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the predictors.safetensors and predictors.json already in --out")
     add_config_options(p, OPTIONS, DEFAULTS)
     p.add_argument("--batches", type=int, default=40,
                    help="batches of windows recorded for training, and at most as many evaluated on held-out text "
@@ -80,28 +84,29 @@ def run(args: argparse.Namespace) -> int:
     text = load_text(args.data, args.held_out, args.seq_len, lm.tokenizer)
     check_vocab(lm.model, args.model, (text.train, text.val), text.source)
 
-    windows = lm_batches(text.train, args.windows, args.seq_len, torch.Generator().manual_seed(config.seed))
-    recorded = [inputs for inputs, _ in itertools.islice(windows, args.batches)]
-    held_out = [inputs for inputs, _ in lm_eval_batches(text.val, args.windows, args.seq_len)[: args.batches]]
-    bar = dict(unit="batch", leave=False, disable=not progress, file=sys.stderr)
-    predictors, fit = train_predictors(lm.model, tqdm(recorded, desc="record", **bar), config, progress=progress)
-    report = evaluate_predictors(lm.model, predictors, tqdm(held_out, desc="evaluate", **bar))
-
     out = args.out or args.model
-    path = predictors.save(out)
-    payload = {"model": str(args.model), "activation": lm.activation, "data": text.source,
-               "predictors": str(path), "config": dataclasses.asdict(config),
-               "windows": {"batches": args.batches, "batch_size": args.windows, "seq_len": args.seq_len},
-               "recorded_tokens": sum(x.numel() for x in recorded), "held_out_tokens": sum(x.numel() for x in held_out),
-               "held_out": report.to_dict(), "fit": fit.to_dict()}
-    write_json_atomic(out / REPORT_FILE, payload)
+    with claim_run_folder(out, (PREDICTORS_FILE, REPORT_FILE), overwrite=args.overwrite, resumable=False):
+        windows = lm_batches(text.train, args.windows, args.seq_len, torch.Generator().manual_seed(config.seed))
+        recorded = [inputs for inputs, _ in itertools.islice(windows, args.batches)]
+        held_out = [inputs for inputs, _ in lm_eval_batches(text.val, args.windows, args.seq_len)[: args.batches]]
+        bar = dict(unit="batch", leave=False, disable=not progress, file=sys.stderr)
+        predictors, fit = train_predictors(lm.model, tqdm(recorded, desc="record", **bar), config, progress=progress)
+        report = evaluate_predictors(lm.model, predictors, tqdm(held_out, desc="evaluate", **bar))
+        path = predictors.save(out)
+        payload = {"model": str(args.model), "activation": lm.activation, "data": text.source,
+                   "predictors": str(path), "config": dataclasses.asdict(config),
+                   "windows": {"batches": args.batches, "batch_size": args.windows, "seq_len": args.seq_len},
+                   "recorded_tokens": sum(x.numel() for x in recorded),
+                   "held_out_tokens": sum(x.numel() for x in held_out),
+                   "held_out": report.to_dict(), "fit": fit.to_dict()}
+        write_json_atomic(out / REPORT_FILE, payload)
     summarize(args, payload, report, out)
     return 0
 
 
 def summarize(args: argparse.Namespace, payload: dict, report: PredictorReport, out: Path) -> None:
     if args.json:
-        print(json.dumps(payload, indent=2))
+        print(dumps_json(payload))
         return
     kept = min(payload["recorded_tokens"], payload["config"]["max_tokens"])
     print(f"{payload['model']} ({payload['activation']}): {payload['recorded_tokens']} tokens recorded ({kept} kept "

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
+from .._io import dumps_json
 from ..memory import CompressionConfig, compress_activations, saved_activation_bytes
 from ..models import create_model
 
@@ -80,8 +80,7 @@ def run(args: argparse.Namespace) -> int:
              f"({report.ratio:.3f}x)")
     plot(rows, title, args.plot)
     if args.json:
-        print(json.dumps({"model": args.model, "compress": args.compress, **report.to_dict(), "plot": str(args.plot)},
-                         indent=2))
+        print(dumps_json({"model": args.model, "compress": args.compress, **report.to_dict(), "plot": str(args.plot)}))
         return 0
     width = max(len(n) for n in rows)
     print(f"{'module':<{width}}  {'exact MiB':>10}  {'stored MiB':>10}  {'ratio':>6}")

@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from .._io import write_files_atomic, write_json_atomic
+from .._io import dumps_json, write_files_atomic, write_json_atomic
+from .._runfolder import claim_run_folder
 from ..data import lm_batches, lm_eval_batches, load_data, load_text, load_tokenizer
 from ..models import create_model, is_model
 from ..sparsity.pretrained import WEIGHTS_NAME, save_pretrained
@@ -22,6 +23,8 @@ from ._options import add_config_options, given_options
 
 DEFAULTS = ProSparseConfig()
 DEFAULT_VAL_FRACTION = 0.1
+# what a run leaves in --out: a new run refuses a folder holding any of them (unless --overwrite deletes them)
+RUN_OUTPUTS = ("checkpoint", "sparsity.json", "sparsity.png", WEIGHTS_NAME, "config.json")
 
 # CLI option -> (ProSparseConfig field, type, help). Defaults are shown from ProSparseConfig.
 OPTIONS = {
@@ -75,6 +78,10 @@ def add_parser(sub) -> None:
                    "(default: runs/sparsify-<time>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run checkpointed in --out/checkpoint (give the same options as the first run)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (its checkpoint/, sparsity.json/png, model.safetensors and "
+                   "config.json are deleted first); without it such a folder is refused, and a folder in use by "
+                   "another process always is")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or per-evaluation lines")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     p.set_defaults(run=run)
@@ -195,35 +202,40 @@ def run(args: argparse.Namespace) -> int:
         eval_batches = lm_eval_batches(text.val, config.batch_size, config.seq_len)
         source = text.source
 
-    result = prosparse(model, train_batches, config, eval_batches, progress=not args.no_progress,
-                       checkpoint_dir=checkpoint_dir, resume=args.resume)
-    if backbone:
-        weights = save_pretrained(model, out) / WEIGHTS_NAME
-        note = (f"FATReLU(threshold={threshold:g}) recorded in {weights.name}: "
-                f"leanformer.load_pretrained({str(out)!r}, create_model({args.model!r}, ...)) gives the sparsified "
-                "model exactly; create_model(..., checkpoint_path=...) refuses the file")
-    else:
-        with hf_progress_bars(not args.no_progress):
-            save_pretrained(model, out)
-            if tokenizer is not None:
-                write_files_atomic(out, tokenizer.save_pretrained)
-        fatrelu = f"relufy(model, 'fatrelu', {threshold})"
-        note = ("FFN activations recorded in config.json; threshold 0 is ReLU: from_pretrained gives the sparsified "
-                "model as it is" if model.config.leanformer["plain_reload"] else
-                f"FFNs recorded in config.json as {fatrelu}: leanformer.load_pretrained gives the sparsified model "
-                "exactly; a plain from_pretrained refuses it (transformers has no FATReLU)")
-        weights = out
-    payload = {"model": args.model, "data": source, "output": str(weights), "activation": note, **result.to_dict()}
-    write_json_atomic(out / "sparsity.json", payload)
-    result.report.plot(out / "sparsity.png", title=f"{args.model} after ProSparse (FATReLU t={threshold:g}): "
-                       f"sparsity {result.final_sparsity:.3f}")
+    with claim_run_folder(out, RUN_OUTPUTS, resume=args.resume, overwrite=args.overwrite):
+        result = prosparse(model, train_batches, config, eval_batches, progress=not args.no_progress,
+                           checkpoint_dir=checkpoint_dir, resume=args.resume)
+        weights, note = save_model(args, model, tokenizer, out, threshold)
+        payload = {"model": args.model, "data": source, "output": str(weights), "activation": note,
+                   **result.to_dict()}
+        write_json_atomic(out / "sparsity.json", payload)
+        result.report.plot(out / "sparsity.png", title=f"{args.model} after ProSparse (FATReLU t={threshold:g}): "
+                           f"sparsity {result.final_sparsity:.3f}")
     summarize(args, payload, result, out)
     return 0
 
 
+def save_model(args: argparse.Namespace, model: nn.Module, tokenizer, out: Path, threshold: float) -> tuple[Path, str]:
+    """Write the sparsified model to ``out`` in the format it was read; (where it went, how to load it)."""
+    if is_model(args.model):
+        weights = save_pretrained(model, out) / WEIGHTS_NAME
+        return weights, (f"FATReLU(threshold={threshold:g}) recorded in {weights.name}: "
+                         f"leanformer.load_pretrained({str(out)!r}, create_model({args.model!r}, ...)) gives the "
+                         "sparsified model exactly; create_model(..., checkpoint_path=...) refuses the file")
+    with hf_progress_bars(not args.no_progress):
+        save_pretrained(model, out)
+        if tokenizer is not None:
+            write_files_atomic(out, tokenizer.save_pretrained)
+    fatrelu = f"relufy(model, 'fatrelu', {threshold})"
+    return out, ("FFN activations recorded in config.json; threshold 0 is ReLU: from_pretrained gives the sparsified "
+                 "model as it is" if model.config.leanformer["plain_reload"] else
+                 f"FFNs recorded in config.json as {fatrelu}: leanformer.load_pretrained gives the sparsified model "
+                 "exactly; a plain from_pretrained refuses it (transformers has no FATReLU)")
+
+
 def summarize(args: argparse.Namespace, payload: dict, result: ProSparseResult, out: Path) -> None:
     if args.json:
-        print(json.dumps({k: v for k, v in payload.items() if k not in ("history", "report")}, indent=2))
+        print(dumps_json({k: v for k, v in payload.items() if k not in ("history", "report")}))
         return
     relu = result.history[-1]  # the last evaluation, after the last step, still with ReLU
     rows = [

@@ -7,8 +7,9 @@ import json
 import time
 from pathlib import Path
 
+from .._io import dumps_json
 from ..train import TrainConfig, Trainer
-from ..train.checkpoint import load_checkpoint_folder, resolve_resume_folder
+from ..train.checkpoint import load_checkpoint_folder, resolve_resume_folder, resume_run_folder
 from ._options import add_config_options, given_options
 
 DEFAULTS = TrainConfig()
@@ -47,10 +48,16 @@ def add_parser(sub) -> None:
                    help="override a model constructor argument, VALUE as JSON (repeatable), "
                    "e.g. --model-arg drop_path_rate=0 --model-arg 'depths=[2,2,2]'")
     p.add_argument("--output", type=Path, default=None,
-                   help="folder for checkpoints (last/, best/) and result.json (default: runs/train-<time>)")
+                   help="folder for checkpoints (last/, best/) and result.json (default: runs/train-<time>); "
+                   "an --output that already holds a checkpoint or results of another run is refused (see "
+                   "--overwrite), and so is one in use by another process (each run holds its folder's lock, "
+                   "--output/.lock)")
     p.add_argument("--resume", type=Path, default=None,
                    help="continue the run saved in this folder exactly (its configuration is reused; "
                    "only --epochs and --workers may change)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --output: its last/, best/ and result.json are deleted "
+                   "before training starts (never while another process is writing them)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     p.set_defaults(run=run)
@@ -76,7 +83,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         given["model_kwargs"] = parse_model_args(args.model_args)
     if args.resume is None:
         return TrainConfig.from_dict({**DEFAULTS.to_dict(), **given})
-    _, meta = load_checkpoint_folder(resolve_resume_folder(args.resume))
+    _, meta = load_checkpoint_folder(resolve_resume_folder(args.resume), require=("config",))
     saved = meta["config"]
     fixed = sorted(k for k, v in given.items() if k not in ("epochs", "workers") and v != saved.get(k))
     if fixed:
@@ -88,19 +95,19 @@ def default_output(resume: Path | None) -> Path:
     """A new timestamped folder, or the run folder being resumed."""
     if resume is None:
         return Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
-    folder = resolve_resume_folder(resume)
-    return folder.parent if folder.name in ("last", "best") else folder
+    return resume_run_folder(resume)
 
 
 def run(args: argparse.Namespace) -> int:
     config = build_config(args)
     output = args.output or default_output(args.resume)
-    result = Trainer(config, output=output, progress=not args.no_progress).fit(resume=args.resume)
+    trainer = Trainer(config, output=output, progress=not args.no_progress, overwrite=args.overwrite)
+    result = trainer.fit(resume=args.resume)
     if result.rank != 0:
         return 0
     summary = {k: v for k, v in result.__dict__.items() if k != "history"}
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(dumps_json(summary))
         return 0
     rows = [
         ("model", config.model), ("data", config.data), ("parameters", f"{result.params:,}"),

@@ -2,7 +2,9 @@
 
 `Trainer(config).fit()` builds the data and model, trains with AdamW (warmup + cosine, label
 smoothing, gradient clipping), evaluates every epoch, checkpoints `last/` and `best/` and can
-resume exactly. Two explicit extension points let the other pillars plug in without touching the
+resume exactly. It holds its output folder's lock while it runs, refuses a folder holding another
+run unless told to overwrite it, and stops at the first non-finite loss, keeping the last good
+checkpoint. Two explicit extension points let the other pillars plug in without touching the
 loop:
 
 - `transforms`: functions `model -> model` applied after the model is built and before the
@@ -28,14 +30,17 @@ from tqdm import tqdm
 
 from .._io import write_json_atomic
 from .._process import peak_rss_mb
+from .._runfolder import claim_run_folder
 from ..data import load_data
 from ..memory import CompressionConfig, compress_activations, saved_activation_bytes
 from ..models import create_model
 from .checkpoint import (
+    check_finite_loss,
     check_same_run,
     load_checkpoint_folder,
     resolve_resume_folder,
     restore_training_state,
+    resume_run_folder,
     save_checkpoint,
     training_state_tensors,
 )
@@ -69,9 +74,16 @@ class TrainResult:
 
 # fields a resumed run may change: they do not alter what has been computed so far
 RESUMABLE_CHANGES = ("epochs", "workers")
+# what a run leaves in its output folder: a fresh run refuses a folder holding any of them (unless overwrite)
+RUN_OUTPUTS = ("last", "best", "result.json")
+# meta.json fields a resumed run reads
+RESUME_FIELDS = ("epoch", "best_val_acc", "history", "config")
 
 
 class Trainer:
+    """overwrite: a fresh run may replace the run already in ``output`` (its last/, best/ and result.json are
+    deleted first); without it such a folder is refused."""
+
     def __init__(
         self,
         config: TrainConfig,
@@ -79,19 +91,29 @@ class Trainer:
         transforms: Sequence[ModelTransform] = (),
         extra_losses: Sequence[ExtraLoss] = (),
         progress: bool = True,
+        overwrite: bool = False,
     ):
         self.config = config
         self.output = Path(output) if output is not None else None
         self.transforms, self.extra_losses = list(transforms), list(extra_losses)
         self.progress = progress
+        self.overwrite = overwrite
         self.activations = None  # saved-activation accounting of the run's first training step
 
     def fit(self, resume: str | Path | None = None) -> TrainResult:
         ctx = init_distributed()
         try:
-            return self._fit(ctx, resume)
+            with self._claim_output(ctx, resume):
+                return self._fit(ctx, resume)
         finally:
             shutdown_distributed(ctx)
+
+    def _claim_output(self, ctx: DistContext, resume: str | Path | None):
+        """The output folder's lock, held by the process that writes it (rank 0); resuming into it keeps its run."""
+        if self.output is None or not ctx.is_main:
+            return claim_run_folder(None, RUN_OUTPUTS)
+        here = resume is not None and resume_run_folder(resume).resolve() == self.output.resolve()
+        return claim_run_folder(self.output, RUN_OUTPUTS, resume=here, overwrite=self.overwrite)
 
     # -- building -----------------------------------------------------------------------------
 
@@ -126,8 +148,9 @@ class Trainer:
         optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
         start_epoch, step, best_acc, history = 0, 0, 0.0, []
         if resume is not None:
-            tensors, meta = load_checkpoint_folder(resolve_resume_folder(resume))
+            tensors, meta = load_checkpoint_folder(resolve_resume_folder(resume), require=RESUME_FIELDS)
             check_same_run(meta["config"], cfg.to_dict(), RESUMABLE_CHANGES)
+            self._check_resumed_position(meta, steps_per_epoch)
             restore_training_state(model, optimizer, tensors, meta["param_groups"])
             start_epoch, step, best_acc, history = meta["epoch"], meta["step"], meta["best_val_acc"], meta["history"]
         net = DistributedDataParallel(model) if ctx.enabled else model
@@ -190,6 +213,7 @@ class Trainer:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
             optimizer.step()
             step += 1
+            check_finite_loss(total.item(), step, None if self.output is None else self.output / "last")
             loss_sum += loss.item() * len(labels)
             correct += float((logits.argmax(1) == labels).sum())
             seen += len(labels)
@@ -199,6 +223,16 @@ class Trainer:
         bar.close()
         loss_sum, correct, seen = sum_across_processes([loss_sum, correct, seen], ctx)
         return {"train_loss": loss_sum / seen, "train_acc": correct / seen}
+
+    def _check_resumed_position(self, meta: dict, steps_per_epoch: int) -> None:
+        """A resumed run goes forward from where its checkpoint is, which must be the end of an epoch."""
+        epoch, step = meta["epoch"], meta["step"]
+        if epoch > self.config.epochs:
+            raise ValueError(f"epochs={self.config.epochs}: the checkpoint has already completed {epoch} epochs; "
+                             f"give at least --epochs {epoch}")
+        if step != epoch * steps_per_epoch or len(meta["history"]) != epoch:
+            raise ValueError(f"checkpoint of epoch {epoch}: step {step} and {len(meta['history'])} history entries "
+                             f"do not match {epoch} epochs of {steps_per_epoch} steps")
 
     @torch.no_grad()
     def _evaluate(self, net, loader, ctx) -> tuple[float, float]:

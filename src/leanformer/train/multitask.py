@@ -39,11 +39,13 @@ from tqdm import tqdm
 
 from .._checks import is_int
 from .._io import write_files_atomic, write_json_atomic
+from .._runfolder import claim_run_folder
 from ..adapters import SMoRAConfig, add_smora, load_adapter, routing_report, save_adapter, smora_layers
 from ..adapters.model import target_names
 from ..data.tasks import TaskData, encode_labels, label_vocab
 from ..data.text import load_tokenizer
 from .checkpoint import (
+    check_finite_loss,
     check_same_run,
     load_checkpoint_folder,
     restore_training_state,
@@ -396,8 +398,12 @@ def _task_labels(tasks: Tasks) -> tuple[dict[str, tuple[torch.Tensor, torch.Tens
     return labels, summary
 
 
+# what a run leaves in its output folder: a new run refuses a folder holding any of them (unless overwrite)
+RUN_OUTPUTS = ("checkpoint", "adapter", "metrics.json", "labels.json")
+
+
 def _checkpoint_dir(out_dir: Path | None, resume: bool) -> Path | None:
-    """out_dir/checkpoint: it must hold a checkpoint to resume, and none for a new run (never overwrite one)."""
+    """out_dir/checkpoint, which must hold a checkpoint to resume (a new run's folder is checked under its lock)."""
     if out_dir is None:
         if resume:
             raise ValueError("resume=True needs out_dir, the folder of the run to continue")
@@ -405,14 +411,12 @@ def _checkpoint_dir(out_dir: Path | None, resume: bool) -> Path | None:
     folder = out_dir / "checkpoint"
     if resume and not (folder / "meta.json").is_file():
         raise ValueError(f"resume: no checkpoint in {folder}")
-    if not resume and (folder / "meta.json").exists():
-        raise ValueError(f"{folder} already holds a checkpoint: resume it (resume=True, --resume) or choose another "
-                         "output folder")
     return folder
 
 
 def finetune(base_dir: str | Path, tasks: Tasks, config: FinetuneConfig, out_dir: str | Path | None = None,
-             resume: bool = False, progress: bool = True, device: str | torch.device | None = None) -> FinetuneResult:
+             resume: bool = False, progress: bool = True, device: str | torch.device | None = None,
+             overwrite: bool = False) -> FinetuneResult:
     """Train one adapter (``config.adapter``) and a head per task on ``tasks`` over the encoder in ``base_dir``.
 
     tasks: name -> (train, test) `TaskData`; a task's classes are its training labels (`label_vocab`), and a
@@ -422,10 +426,22 @@ def finetune(base_dir: str | Path, tasks: Tasks, config: FinetuneConfig, out_dir
         result to out_dir/metrics.json and each task's classes to out_dir/labels.json (see `load_finetuned`).
     resume: continue the run checkpointed in out_dir/checkpoint (same base, tasks and config), ending exactly as
         the uninterrupted run would. device: default CUDA if available, else CPU.
+    overwrite: a new run may replace the run in out_dir (its checkpoint, adapter and metrics are deleted first);
+        without it such a folder is refused. out_dir's lock is held while the run goes on (another process
+        writing it is refused), and a non-finite training loss stops the run there (`NonFiniteLossError`), the
+        last checkpoint kept as it was.
     """
     labels, summary = _task_labels(tasks)
     out_dir = None if out_dir is None else Path(out_dir)
     checkpoint_dir = _checkpoint_dir(out_dir, resume)
+    with claim_run_folder(out_dir, RUN_OUTPUTS, resume=resume, overwrite=overwrite):
+        return _finetune(base_dir, tasks, config, out_dir, checkpoint_dir, resume, progress, device, labels, summary)
+
+
+def _finetune(base_dir: str | Path, tasks: Tasks, config: FinetuneConfig, out_dir: Path | None,
+              checkpoint_dir: Path | None, resume: bool, progress: bool, device: str | torch.device | None,
+              labels: dict, summary: dict) -> FinetuneResult:
+    """`finetune` once the tasks are checked and its output folder (if any) is held by this process."""
     base_dir = Path(base_dir)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = load_tokenizer(base_dir)
@@ -444,7 +460,7 @@ def finetune(base_dir: str | Path, tasks: Tasks, config: FinetuneConfig, out_dir
     identity = {**config.to_dict(), "base": str(base_dir), "tasks": summary}  # what must not change on resume
     step, history = 0, []
     if resume:
-        tensors, meta = load_checkpoint_folder(checkpoint_dir)
+        tensors, meta = load_checkpoint_folder(checkpoint_dir, require=("config", "history", "compute"))
         check_same_run(meta["config"], identity)
         restore_training_state(model, optimizer, tensors, meta["param_groups"])
         for name, path in meta["compute"].items():  # the paths "auto" chose then: equal outputs, not equal bits
@@ -479,6 +495,7 @@ def finetune(base_dir: str | Path, tasks: Tasks, config: FinetuneConfig, out_dir
             loss = train_step(model, optimizer, params, inputs, targets, task, lr, config.clip_grad)
             durations.append(time.perf_counter() - started)
             step += 1
+            check_finite_loss(loss, step, checkpoint_dir)
             loss_sum, loss_steps = loss_sum + loss, loss_steps + 1
             bar.update(1)
             bar.set_postfix(task=task, loss=f"{loss:.3f}", lr=f"{lr:.2e}")
