@@ -121,8 +121,9 @@ def task_loss_for(model: nn.Module) -> TaskLoss:
         return model_loss
     if callable(getattr(model, "forward_head", None)):  # timm's classifier convention, which ours follow
         return classification_loss
-    raise ValueError(f"no task loss known for {name}: it takes no labels and is none of {sorted(TASK_LOSSES)}; "
-                     "pass loss_fn=f where f(model, (inputs, targets)) returns the mean loss")
+    raise ValueError(f"no task loss known for {name}: it is no Hugging Face causal LM (LlamaForCausalLM, ...), "
+                     f"takes no labels, has no forward_head (a timm-style classifier) and is none of "
+                     f"{sorted(TASK_LOSSES)}; pass loss_fn=f where f(model, (inputs, targets)) returns the mean loss")
 
 
 @dataclass(frozen=True)
