@@ -140,6 +140,10 @@ FAMILIES = {
         num_classes=10), IMAGES, 4, ("fc1", "fc2", None)),
 }
 NCHW = {"timm_convnext_conv_mlp", "timm_convmlp"}
+# families the sparsity tools handled before (tests/sparsity/test_activations.py and test_inference.py cover their
+# relufy and sparse inference); kept here for find_ffns and measure, which now read every layer type alike
+COVERED_BEFORE = {"llama", "mistral", "qwen2", "bert", "roberta", "timm_mlp", "our_swin"}
+NEW = sorted(set(FAMILIES) - COVERED_BEFORE)
 
 
 @functools.cache
@@ -213,7 +217,7 @@ def test_measure_sparsity_of_a_relu_model_equals_the_hand_computed_zeros(family)
         assert 0.2 < layer.mean_sparsity < 0.8  # ReLU of random weights: about half
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", NEW)
 def test_relufy_makes_every_ffn_activation_relu_and_the_model_runs(family):
     _, inputs, _, _ = FAMILIES[family]
     model = model_of(family)
@@ -231,7 +235,7 @@ def test_relufy_makes_every_ffn_activation_relu_and_the_model_runs(family):
     assert after.shape == before.shape and torch.equal(after, before) == was_relu
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", NEW)
 def test_sparse_exact_inference_equals_the_dense_model(family):
     _, inputs, count, _ = FAMILIES[family]
     model = relufy(model_of(family))
@@ -262,6 +266,39 @@ def test_topk_and_regulariser_work_on_the_ffn_features(family):
     reg.remove()
     assert loss.requires_grad and loss > 0 and out is not None
     assert reg.last_sparsity == pytest.approx(measured.average_sparsity, abs=1e-6)
+
+
+@pytest.mark.parametrize("family", ["distilbert", "falcon", "t5_gated"])
+def test_a_relufied_config_reloads_plainly_as_relu(family, tmp_path):
+    """DistilBERT and Falcon name their activation `activation`, T5 `dense_act_fn` next to feed_forward_proj."""
+    model = relufy(model_of(family))
+    model.save_pretrained(tmp_path)
+    again = type(model).from_pretrained(tmp_path)
+    assert all(type(ffn.act) is nn.ReLU for ffn in find_ffns(again))
+    _, inputs, _, _ = FAMILIES[family]
+    torch.testing.assert_close(_run(again.eval(), inputs), _run(model, inputs))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "timm_convmlp", "phi3"])
+def test_predictor_data_are_the_ffn_tokens_of_every_layout(family):
+    """record_ffn_activity reads Conv1D, NCHW and fused gate/up FFNs: inputs and x1 != 0, features last."""
+    _, inputs, _, _ = FAMILIES[family]
+    model = relufy(model_of(family))
+    handles, ffn_inputs = _ffn_input_hooks(model)
+    data = record_ffn_activity(model, [inputs])
+    for handle in handles:
+        handle.remove()
+    for ffn in find_ffns(model):
+        x, active = data[ffn.name]
+        expected = ffn_inputs[ffn.name][0].reshape(-1, ffn.in_features)
+        torch.testing.assert_close(x, expected)
+        assert torch.equal(active, _x1_by_hand(ffn, expected) != 0)
+
+
+def test_predictor_mode_names_what_a_fused_gate_lacks():
+    model = relufy(model_of("phi3"))
+    with pytest.raises(ValueError, match=r"mode='predictor' supports gated FFNs .*separate gate and up Linears"):
+        sparsify_for_inference(model, "predictor", {f.name: None for f in find_ffns(model)})
 
 
 def test_an_nchw_topk_comes_back_from_save_pretrained(tmp_path):
@@ -370,9 +407,6 @@ def test_structural_fallback_finds_an_unknown_ffn_and_says_what_it_found(gated):
     assert sorted(inference_report(model)) == ["blocks.0.w_out", "blocks.1.w_out"]  # only the down projections
     explicit = find_ffns(_UnknownNet(gated), [FFNSpec(("_Unknown",), up="w_in", down="w_out", act="nonlin")])
     assert all(f.found_by == "specs" and not f.gated for f in explicit)  # FFNSpec stays the override
-
-
-def test_a_module_that_is_no_ffn_is_not_taken_for_one():
     ambiguous = nn.Sequential(nn.Linear(8, 24), nn.GELU(), nn.Linear(24, 8), nn.ReLU())  # two activations
     with pytest.raises(ValueError, match="no FFN found in Sequential"):
         find_ffns(nn.Sequential(ambiguous))
@@ -412,16 +446,31 @@ def test_an_activation_held_as_a_plain_function_is_replaced():
 # --- autocast on the sparse paths ------------------------------------------------------------------------------
 
 
+def _output_dtypes(model: nn.Module, names: list[str], inputs) -> list[torch.dtype]:
+    dtypes = []
+    handles = [model.get_submodule(name).register_forward_hook(lambda _m, _a, out: dtypes.append(out.dtype))
+               for name in names]
+    _run(model, inputs)
+    for handle in handles:
+        handle.remove()
+    return dtypes
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "timm_convmlp"])
 def test_sparse_exact_runs_under_autocast(family, dtype):
+    """Plain (BERT, GPT-2's Conv1D, a 1x1 Conv2d) and gated (LLaMA) FFNs: the sparse path runs in autocast's dtype
+    and every sparse module returns what the dense layer it replaces returns under autocast."""
     _, inputs, _, _ = FAMILIES[family]
     model = relufy(model_of(family))
+    dense_model = copy.deepcopy(model)
     with torch.autocast("cpu", dtype=dtype):
         dense = _run(model, inputs)
         sparsify_for_inference(model, max_active=1.0)
         sparse = _run(model, inputs)
-    assert sparse.dtype == dense.dtype
+        names = sorted(inference_report(model, reset=True))
+        expected, got = _output_dtypes(dense_model, names, inputs), _output_dtypes(model, names, inputs)
+    assert sparse.dtype == dense.dtype and got == expected and set(got) == {dtype}
     torch.testing.assert_close(sparse.float(), dense.float(), atol=0.1, rtol=0.05)
     paths = {path for r in inference_report(model).values() for path in r["calls"]}
     assert paths == {"sparse-torch"}  # the sparse path ran, in autocast's dtype (the compiled kernels are fp32)

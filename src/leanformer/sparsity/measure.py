@@ -178,10 +178,13 @@ def measure_sparsity(model: nn.Module, batches: Iterable, specs: Iterable[FFNSpe
     dict; the targets are ignored, never passed to the model). If the keyword arguments hold ``mask_key`` (a
     (batch, seq) tensor, nonzero = real token, as HF's ``attention_mask``), padding tokens are left out of every
     statistic: they are computed but would distort both the per-token zero fraction and the union over the
-    sequence. ``mask_key=None`` counts every token.
+    sequence. ``mask_key=None`` counts every token. An FFN that flattens batch and sequence into rows (OPT) is
+    masked as (batch, seq); the decoder FFNs of an encoder-decoder model (T5) take ``"decoder_" + mask_key``
+    (``decoder_attention_mask``) if the batch has it and count every decoder token otherwise.
 
-    A token is one position of x1 with all leading dimensions flattened; for x1 of 3 or more dimensions the
-    first is the sample and the middle ones (a sequence, or the H, W of an NHWC map) its tokens. A value
+    A token is one position of x1 with its features last (an NCHW map of a 1x1 Conv2d FFN is read as NHWC) and
+    all leading dimensions flattened; for x1 of 3 or more dimensions the first is the sample and the middle ones
+    (a sequence, or the H, W of a map) its tokens. A value
     counts as zero only if it is exactly 0. The model runs in eval mode under no_grad; the training flags
     of all its modules are restored afterwards and the hooks are removed, even if the forward raises.
     """
