@@ -75,15 +75,17 @@ def _timm(name: str, **kwargs):
     return lambda: timm.create_model(name, **kwargs)
 
 
-def _timm_glumlp():
-    """A timm ViT with GluMlp FFNs, their gate half re-initialised (timm starts it at weight 0, bias 1: never zero
-    under ReLU, which would leave nothing to measure)."""
-    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10,
-                              mlp_layer=timm.layers.GluMlp)
-    for block in model.blocks:
-        nn.init.normal_(block.mlp.fc1.weight, std=0.1)
-        nn.init.zeros_(block.mlp.fc1.bias)
-    return model
+def _timm_gated(mlp_layer, gate: str):
+    """A timm ViT with gated FFNs, their gate re-initialised (timm starts it at weight 0, bias 1: never zero under
+    ReLU, which would leave nothing to measure)."""
+    def build():
+        model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10,
+                                  mlp_layer=mlp_layer)
+        for block in model.blocks:
+            nn.init.normal_(getattr(block.mlp, gate).weight, std=0.1)
+            nn.init.zeros_(getattr(block.mlp, gate).bias)
+        return model
+    return build
 
 
 # family -> (build, inputs, number of FFNs, (up, down, gate) attribute paths relative to the FFN module; a gate
@@ -131,7 +133,8 @@ FAMILIES = {
     # timm and ours
     "timm_mlp": (_timm("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10), IMAGES, 2,
                  ("fc1", "fc2", None)),
-    "timm_glumlp": (_timm_glumlp, IMAGES, 2, ("fc1", "fc2", "fc1")),
+    "timm_glumlp": (_timm_gated(timm.layers.GluMlp, "fc1"), IMAGES, 2, ("fc1", "fc2", "fc1")),
+    "timm_swiglu": (_timm_gated(timm.layers.SwiGLU, "fc1_g"), IMAGES, 2, ("fc1_x", "fc2", "fc1_g")),
     "timm_convnext_conv_mlp": (_timm("convnext_atto", conv_mlp=True, depths=(1, 1, 1, 1), dims=(8, 16, 16, 16),
                                      num_classes=10), IMAGES, 4, ("fc1", "fc2", None)),
     "timm_convmlp": (_ConvMlpNet, IMAGES, 2, ("fc1", "fc2", None)),
@@ -237,13 +240,15 @@ def test_relufy_makes_every_ffn_activation_relu_and_the_model_runs(family):
 
 @pytest.mark.parametrize("family", NEW)
 def test_sparse_exact_inference_equals_the_dense_model(family):
-    _, inputs, count, _ = FAMILIES[family]
+    _, inputs, count, (up, down, gate) = FAMILIES[family]
     model = relufy(model_of(family))
     dense = _run(model, inputs)
+    names = [ffn.name for ffn in find_ffns(model)]
     sparsify_for_inference(model, max_active=1.0)
     torch.testing.assert_close(_run(model, inputs), dense, atol=2e-5, rtol=1e-4)
     report = inference_report(model)
-    assert len(report) == count
+    # separate gate and up Linears: the whole FFN is replaced; otherwise its down projection
+    assert sorted(report) == sorted(names if gate not in (None, up) else [f"{name}.{down}" for name in names])
     assert all(set(r["calls"]) <= {"sparse-native", "sparse-torch"} and r["calls"] for r in report.values())
 
 
@@ -347,14 +352,15 @@ def test_t5_decoder_ffns_are_not_held_to_the_encoder_mask():
     for ffn, layer, masked in zip(ffns, plain.layers, both.layers, strict=True):
         x1 = _x1_by_hand(ffn, ffn_inputs[ffn.name][0])
         keep = (decoder_mask if ffn.in_decoder else mask).bool()
-        assert plain.layers[0].tokens == 9 and layer.tokens == (8 if ffn.in_decoder else 9)
+        assert layer.tokens == (8 if ffn.in_decoder else 9)  # every decoder token without a decoder mask
         assert masked.tokens == (6 if ffn.in_decoder else 9)
         assert masked.mean_sparsity == pytest.approx(_mean_zeros([x1[keep]]), abs=1e-12)
     model.train()
     reg = SparsityRegularizer(model, [(10, 1.0)])
-    with reg.attention_mask(mask):
-        model(**TEXT, **DECODER, attention_mask=mask)
-    assert reg.loss(5) > 0
+    for decoder in (None, decoder_mask):  # the decoder FFNs are never held to the encoder's (2, 6) mask
+        with reg.attention_mask(mask, decoder):
+            model(**TEXT, **DECODER, attention_mask=mask)
+        assert reg.loss(5) > 0
 
 
 # --- structural fallback, unsupported layers ---------------------------------------------------------------------

@@ -2,10 +2,12 @@
 and turn it into faster inference (exact sparse FFNs, predictor-selected units)."""
 
 from .activations import FATReLU, TopK, apply_topk, relufy
-from .ffn import FFN, FFN_SPECS, FFNSpec, find_ffns
+from .ffn import FFN, FFN_SPECS, FFNSpec, find_ffns, structural_spec
 from .inference import (
     INFERENCE_MODES,
     SparseGatedFFN,
+    SparseInputConv1D,
+    SparseInputConv2d,
     SparseInputLinear,
     calibrate_max_active,
     inference_report,
@@ -42,6 +44,8 @@ __all__ = [
     "ProSparseResult",
     "ProSparseSchedule",
     "SparseGatedFFN",
+    "SparseInputConv1D",
+    "SparseInputConv2d",
     "SparseInputLinear",
     "SparsityRegularizer",
     "SparsityReport",
@@ -58,5 +62,6 @@ __all__ = [
     "relufy",
     "save_pretrained",
     "sparsify_for_inference",
+    "structural_spec",
     "train_predictors",
 ]
