@@ -11,7 +11,8 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError
+import torch
+from safetensors import SafetensorError, safe_open
 
 
 def first_line(err: BaseException) -> str:
@@ -44,3 +45,17 @@ def hf_from_pretrained(cls: Any, folder: str | PathLike, **kwargs: Any) -> Any:
         raise ValueError(f"{folder}: a safetensors file is damaged or truncated ({first_line(err)})") from err
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
         raise ValueError(f"{folder}: could not load the model: {first_line(err)}") from err
+
+
+def read_safetensors(path: str | PathLike, what: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; ValueError naming it (``what`` says which file it is meant to
+    be, e.g. "predictors file ") if it is missing or unreadable. Nothing is unpickled."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what}{path} does not exist")
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+            return {key: f.get_tensor(key) for key in f.keys()}, metadata  # noqa: SIM118 (not iterable)
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{what}{path} is not a readable safetensors file: {err}") from err

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .._io import atomic_write, write_json_atomic
+from .._loading import read_safetensors
 from .config import PEFT_TYPE, SMoRAConfig
 from .layer import feature_sizes
 from .model import _matches, add_smora, smora_layers, target_names
@@ -107,7 +107,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     raises ValueError naming the file and key, before the model is changed."""
     directory = Path(directory)
     config = read_adapter_config(directory)
-    tensors = _read_tensors(directory / WEIGHTS_NAME)
+    tensors, _ = read_safetensors(directory / WEIGHTS_NAME)
     fresh = not smora_layers(model)
     if fresh:
         expected = _expected_shapes(model, config)
@@ -146,13 +146,3 @@ def _expected_shapes(model: nn.Module, config: SMoRAConfig) -> dict[str, tuple[i
         if name and _matches(name, config.modules_to_save):
             shapes.update({f"{_PREFIX}{name}.{k}": tuple(v.shape) for k, v in module.state_dict().items()})
     return shapes
-
-
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise ValueError(f"{path} does not exist")
-    try:
-        with safe_open(str(path), "pt") as f:
-            return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (a safe_open handle is not iterable)
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{path} is not a readable safetensors file: {err}") from err

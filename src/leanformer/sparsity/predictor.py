@@ -32,12 +32,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .._checks import is_int, is_real
 from .._io import atomic_write
+from .._loading import read_safetensors
 from ._batches import split_batch
 from ._tokens import align_mask, mask_of, padding_masks
 from .ffn import FFN, FFNSpec, find_ffns
@@ -213,14 +213,7 @@ class Predictors(nn.Module):
         path = Path(directory_or_file)
         if path.is_dir():
             path = path / FILE_NAME
-        if not path.is_file():
-            raise ValueError(f"predictors file {path} does not exist")
-        try:
-            with safe_open(str(path), "pt") as f:
-                metadata = f.metadata() or {}
-                tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (a safe_open handle is not iterable)
-        except (SafetensorError, OSError) as err:
-            raise ValueError(f"predictors file {path} is not a readable safetensors file: {err}") from err
+        tensors, metadata = read_safetensors(path, "predictors file ")
         layers = _read_layers(path, metadata)
         predictors = {}
         for layer in layers:

@@ -28,11 +28,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .._io import atomic_write, write_files_atomic
-from .._loading import first_line, hf_from_pretrained
+from .._loading import first_line, hf_from_pretrained, read_safetensors
 from ..models._checkpoint import TRANSFORMS_METADATA_KEY, check_state_dict
 from .activations import FATReLU, is_topk_wrapped, topk_wrapped
 from .ffn import FFNSpec, find_ffns
@@ -254,12 +253,7 @@ def _load_hf(directory: Path) -> nn.Module:
 def _load_module(path: Path, model: nn.Module) -> nn.Module:
     if not path.is_file():
         raise ValueError(f"{path} does not exist: not a folder written by leanformer.save_pretrained")
-    try:
-        with safe_open(str(path), "pt") as f:
-            metadata = f.metadata() or {}
-            state = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (a safe_open handle is not iterable)
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+    state, metadata = read_safetensors(path)
     try:
         record = json.loads(metadata.get(TRANSFORMS_METADATA_KEY, ""))
     except json.JSONDecodeError as err:
