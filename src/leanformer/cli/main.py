@@ -1,7 +1,8 @@
 """`leanformer` entry point: parses arguments, dispatches to a subcommand, turns errors into one line.
 
-Every user error (bad argument, missing file, bad config) exits with code 2 and a single line on
-stderr; `--debug` shows the traceback instead.
+Every user error (bad argument, missing file, bad config) and every error of the system (disk full, permission
+denied) exits with code 2 and a single line on stderr, the latter naming the path; `--debug` shows the traceback
+instead.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .._io import describe_os_error
 from . import bench, finetune, forward, generate, models, predictors, profile, sparsify, train
 
 
@@ -34,10 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args) or 0
-    except (ValueError, FileNotFoundError, UsageError) as err:
+    except (ValueError, OSError, UsageError) as err:
         if args.debug:
             raise
-        print(f"leanformer {args.command}: error: {err}", file=sys.stderr)
+        message = describe_os_error(err) if isinstance(err, OSError) else err
+        print(f"leanformer {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .._io import dumps_json, write_json_atomic
+from .._io import check_writable_dir, dumps_json, write_json_atomic
 from .._runfolder import claim_run_folder
 from ..data import lm_batches, lm_eval_batches, load_text
 from ..sparsity import PredictorConfig, PredictorReport, evaluate_predictors, train_predictors
@@ -79,12 +79,13 @@ def run(args: argparse.Namespace) -> int:
     config = PredictorConfig(**given_options(args, OPTIONS))
     check_positive(("--batches", args.batches), ("--seq-len", args.seq_len), ("--batch-size", args.windows))
     progress = not args.no_progress
+    out = args.out or args.model
+    check_writable_dir(out, "--out" if args.out else "--model", files=(PREDICTORS_FILE, REPORT_FILE))
     lm = load_sparsified_lm(args.model, args.threshold, progress,
                             relu_needed_by="learning which hidden units are zero")
     text = load_text(args.data, args.held_out, args.seq_len, lm.tokenizer)
     check_vocab(lm.model, args.model, (text.train, text.val), text.source)
 
-    out = args.out or args.model
     with claim_run_folder(out, (PREDICTORS_FILE, REPORT_FILE), overwrite=args.overwrite, resumable=False):
         windows = lm_batches(text.train, args.windows, args.seq_len, torch.Generator().manual_seed(config.seed))
         recorded = [inputs for inputs, _ in itertools.islice(windows, args.batches)]

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
-from .._io import dumps_json
+from .._io import atomic_write, check_writable_file, dumps_json
 from ..memory import CompressionConfig, compress_activations, saved_activation_bytes
 from ..models import create_model
+from ._options import check_positive
 
 
 def add_parser(sub) -> None:
@@ -23,7 +24,8 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="images in the batch")
     p.add_argument("--compress", default="int8", choices=["int8", "int4", "int2", "none"],
                    help="storage of saved activations")
-    p.add_argument("--depth", type=int, default=2, help="aggregate module names to this many dotted levels")
+    p.add_argument("--depth", type=int, default=2,
+                   help="aggregate module names to this many dotted levels (0: one row for the whole model)")
     p.add_argument("--plot", type=Path, default=Path("profile.png"), help="where to write the bar chart")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(run=run)
@@ -56,15 +58,15 @@ def plot(rows: dict[str, dict[str, int]], title: str, path: Path) -> None:
     ax.set_title(title, fontsize=9)
     ax.legend()
     fig.tight_layout()
-    from .._io import atomic_write
-
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size={args.batch_size}: expected a positive integer")
+    check_positive(("--batch-size", args.batch_size))
+    if args.depth < 0:
+        raise ValueError(f"--depth={args.depth}: expected 0 (one row for the whole model) or more dotted levels")
+    check_writable_file(args.plot, "--plot")
     overrides = {} if args.img_size is None else {"img_size": args.img_size}
     model = create_model(args.model, **overrides).train()
     config = CompressionConfig.from_name(args.compress)

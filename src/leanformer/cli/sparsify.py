@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from .._io import dumps_json, write_files_atomic, write_json_atomic
+from .._io import check_writable_dir, dumps_json, write_files_atomic, write_json_atomic
+from .._loading import hf_from_pretrained
 from .._runfolder import claim_run_folder
 from ..data import lm_batches, lm_eval_batches, load_data, load_text, load_tokenizer
 from ..models import create_model, is_model
@@ -24,7 +25,8 @@ from ._options import add_config_options, given_options
 DEFAULTS = ProSparseConfig()
 DEFAULT_VAL_FRACTION = 0.1
 # what a run leaves in --out: a new run refuses a folder holding any of them (unless --overwrite deletes them)
-RUN_OUTPUTS = ("checkpoint", "sparsity.json", "sparsity.png", WEIGHTS_NAME, "config.json")
+OUTPUT_FOLDERS, OUTPUT_FILES = ("checkpoint",), ("sparsity.json", "sparsity.png", WEIGHTS_NAME, "config.json")
+RUN_OUTPUTS = OUTPUT_FOLDERS + OUTPUT_FILES
 
 # CLI option -> (ProSparseConfig field, type, help). Defaults are shown from ProSparseConfig.
 OPTIONS = {
@@ -98,11 +100,6 @@ def build_config(args: argparse.Namespace) -> ProSparseConfig:
     return ProSparseConfig(**given)
 
 
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def check_causal_lm_folder(folder: Path) -> None:
     """Refuse, naming the file, a folder that is not a Hugging Face causal LM in save_pretrained layout."""
     config_path = folder / "config.json"
@@ -134,13 +131,14 @@ def hf_progress_bars(enabled: bool) -> Iterator[None]:
 
 
 def load_causal_lm(folder: Path) -> nn.Module:
-    """A Hugging Face causal LM from a local folder (nothing is downloaded); ValueError naming the folder."""
+    """A Hugging Face causal LM from a local folder (nothing is downloaded); a missing, damaged (truncated
+    safetensors) or hostile (a pickle carrying code) weights file is one ValueError naming the folder."""
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError, KeyError) as err:
-        raise ValueError(f"--model {folder}: could not load the causal LM: {_first_line(err)}") from err
+        return hf_from_pretrained(AutoModelForCausalLM, folder)
+    except ValueError as err:
+        raise ValueError(f"--model {err}") from err
 
 
 def check_vocab(model: nn.Module, folder: Path, tokens: Iterable[torch.Tensor], source: str) -> None:
@@ -165,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and args.out is None:
         raise ValueError("--resume needs --out, the folder of the run to continue")
     out = args.out or Path("runs") / time.strftime("sparsify-%Y%m%d-%H%M%S")
+    check_writable_dir(out, "--out", OUTPUT_FOLDERS, OUTPUT_FILES)
     checkpoint_dir = out / "checkpoint"
     if args.resume and not (checkpoint_dir / "meta.json").is_file():
         raise ValueError(f"--resume: no checkpoint in {checkpoint_dir}")

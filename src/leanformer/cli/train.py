@@ -7,12 +7,20 @@ import json
 import time
 from pathlib import Path
 
-from .._io import dumps_json
+from .._io import check_writable_dir, describe_os_error, dumps_json
+from .._machine import check_fits_in_memory
+from ..data import digits
+from ..models import is_model
+from ..models._registry import model_entrypoint, weight_bytes
 from ..train import TrainConfig, Trainer
 from ..train.checkpoint import load_checkpoint_folder, resolve_resume_folder, resume_run_folder
 from ._options import add_config_options, given_options
 
 DEFAULTS = TrainConfig()
+# what the run writes in --output (train.loop.RUN_OUTPUTS): checked before training, so none is found unwritable after
+OUTPUT_FOLDERS, OUTPUT_FILES = ("last", "best"), ("result.json",)
+# AdamW training holds, per weight, the weight, its gradient and two moments
+TRAINING_STATE_FACTOR = 4
 
 # CLI option -> (TrainConfig field, help). Defaults are shown from TrainConfig, the one source of truth.
 OPTIONS = {
@@ -98,11 +106,55 @@ def default_output(resume: Path | None) -> Path:
     return resume_run_folder(resume)
 
 
+def check_training_fits(config: TrainConfig) -> None:
+    """Refuse, before the data loads (an image folder can take minutes), a model whose training state cannot fit:
+    weights, gradients and AdamW's two moments, `TRAINING_STATE_FACTOR` times the weights, found by building the
+    model on the meta device. Activations come on top; the estimate is a floor, not a promise."""
+    weights = _weight_bytes(config)
+    if weights is not None:
+        check_fits_in_memory(TRAINING_STATE_FACTOR * weights,
+                             f"training {config.model} (weights, gradients and AdamW's two moments, "
+                             f"{TRAINING_STATE_FACTOR} x {weights / 2**30:,.1f} GiB of weights)")
+
+
+def _weight_bytes(config: TrainConfig) -> int | None:
+    """The weights' bytes of the model as the run would build it, or None where that cannot be told yet.
+
+    The data decides the input channels and classes: the embedded digits' are known, other data's are not read
+    yet and the model's defaults stand in for them (their weights are a small part of any model large enough to
+    matter here). A model that fails to build is left to `create_model`, which reports it with the data's values.
+    """
+    if not is_model(config.model):
+        return None
+    data = {"in_chans": digits.IN_CHANS, "num_classes": digits.NUM_CLASSES} if config.data == "digits" else {}
+    size = {} if config.img_size is None else {"img_size": config.img_size}
+    kwargs = {**data, **size, **config.model_kwargs}
+    try:
+        return weight_bytes(lambda: model_entrypoint(config.model)(**kwargs))
+    except Exception:  # noqa: BLE001 (any failure here is create_model's to report, with the data's arguments)
+        return None
+
+
+def fit(trainer: Trainer, resume: Path | None, output: Path):
+    """``trainer.fit``, an OSError (disk full while a checkpoint is written) reported in one line saying which
+    checkpoint survives: checkpoints are written atomically, so the previous one is intact."""
+    try:
+        return trainer.fit(resume=resume)
+    except OSError as err:
+        last = output / "last"
+        kept = (f"the last good checkpoint, {last}, is kept (continue with --resume {output})"
+                if (last / "meta.json").is_file() else "no checkpoint had been written yet")
+        raise ValueError(f"{describe_os_error(err)}: training stopped, {kept}") from err
+
+
 def run(args: argparse.Namespace) -> int:
     config = build_config(args)
     output = args.output or default_output(args.resume)
+    check_writable_dir(output, "--output" if args.output or args.resume is None else "--resume",
+                       OUTPUT_FOLDERS, OUTPUT_FILES)
+    check_training_fits(config)
     trainer = Trainer(config, output=output, progress=not args.no_progress, overwrite=args.overwrite)
-    result = trainer.fit(resume=args.resume)
+    result = fit(trainer, args.resume, output)
     if result.rank != 0:
         return 0
     summary = {k: v for k, v in result.__dict__.items() if k != "history"}

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from .._checks import is_int
 from .._io import write_files_atomic, write_json_atomic
+from .._loading import hf_from_pretrained
 from .._runfolder import claim_run_folder
 from ..adapters import SMoRAConfig, add_smora, load_adapter, routing_report, save_adapter, smora_layers
 from ..adapters.model import target_names
@@ -185,11 +186,7 @@ class MultiTaskClassifier(nn.Module):
         """The encoder of a local Hugging Face folder (nothing is downloaded) with fresh heads."""
         from transformers import AutoModel  # imported here: transformers is slow to import
 
-        try:
-            backbone = AutoModel.from_pretrained(str(base_dir), local_files_only=True)
-        except (OSError, ValueError, KeyError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ValueError(f"{base_dir}: could not load a Hugging Face encoder: {first}") from err
+        backbone = hf_from_pretrained(AutoModel, base_dir)  # a damaged or hostile file: one line naming it
         if getattr(backbone, "pooler", None) is not None and _accepts(type(backbone), "add_pooling_layer"):
             # mean pooling does not use BERT's pooler; without it no adapter is put on a Linear that never trains
             # (None is what the class itself sets for add_pooling_layer=False)
