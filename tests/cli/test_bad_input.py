@@ -202,6 +202,16 @@ def test_a_damaged_or_hostile_model_folder_is_one_line(command, how, message, ti
     assert "weights_only" not in line and not marker.exists()  # the payload never ran
 
 
+def test_finetune_names_a_truncated_encoder(tiny_bert_dir, keyword_task_files, tmp_path, capsys):
+    base = tmp_path / "encoder"
+    shutil.copytree(tiny_bert_dir, base)
+    _damage(base, "truncated", tmp_path / "unused")
+    train, test = keyword_task_files["topic"]
+    assert main(["finetune", "--base", str(base), "--tasks", f"topic={train}::{test}", "--no-progress",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert f"{base}: a safetensors file is damaged or truncated" in one_error_line(capsys)
+
+
 # -- sizes that cannot fit ---------------------------------------------------------------------------------
 
 
