@@ -5,7 +5,8 @@ A token is one position of x1 with its feature dimension moved last (`FFN.featur
 dimensions its token shape. A (batch, seq) mask fits an FFN whose token shape it is, and also one that flattens
 batch and sequence into rows first (OPT's decoder layer runs its FFN on (batch * seq, d)). The FFNs of the
 decoder of an encoder-decoder model (T5) have their own length: the encoder's mask is not theirs, the batch's
-``decoder_<mask_key>`` is, and without one every decoder token counts.
+``decoder_<mask_key>`` is, and without one every decoder token counts. Fused mixture-of-experts x1 has one row
+per (token, chosen expert) pair; `rows_mask` gives each row its token's entry.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from __future__ import annotations
 import torch
 
 from ._batches import ModelCall
-from .ffn import FFN
+from .ffn import FFN, ExpertRows
 
-__all__ = ["PaddingMasks", "align_mask", "mask_of", "padding_masks"]
+__all__ = ["PaddingMasks", "align_mask", "mask_of", "padding_masks", "rows_mask"]
 
 PaddingMasks = dict[bool, "torch.Tensor | None"]  # in_decoder -> the mask of those FFNs' tokens
 
@@ -44,3 +45,14 @@ def align_mask(x1: torch.Tensor, mask: torch.Tensor | None, where: str) -> tuple
 def mask_of(ffn: FFN, masks: PaddingMasks) -> torch.Tensor | None:
     """The mask that describes ``ffn``'s tokens."""
     return masks[ffn.in_decoder]
+
+
+def rows_mask(mask: torch.Tensor | None, rows: ExpertRows | None, where: str) -> torch.Tensor | None:
+    """``mask`` read at the token of each row of fused experts' x1 (``rows``; ``mask`` itself when None): the
+    experts run on batch and sequence flattened, so a (batch, seq) mask must hold exactly that many tokens."""
+    if mask is None or rows is None:
+        return mask
+    if mask.numel() != rows.tokens:
+        raise ValueError(f"{where}: attention mask of shape {tuple(mask.shape)} does not match the {rows.tokens} "
+                         "tokens (batch and sequence flattened) the experts ran on")
+    return mask.reshape(-1).to(rows.index.device)[rows.index]

@@ -14,8 +14,9 @@ Three things vary between the FFNs people bring, and each lives in one table her
 - what a projection layer is (`layer_kind`, by layer class): ``nn.Linear`` (weight (out, in)), transformers'
   ``Conv1D`` of GPT-2 (weight (in, out)) or a 1x1 ``nn.Conv2d`` on NCHW maps (weight (out, in, 1, 1), features in
   dimension 1). `FFN.weight` gives every one as an (out, in) view, `FFN.features_last` puts the features last;
-- fused mixture-of-experts weights (3-D parameters, transformers 5's ``MixtralExperts`` and kin), which have no
-  projection layer to work on: they are refused by name rather than skipped.
+- fused mixture-of-experts weights (3-D parameters, transformers 5's ``MixtralExperts`` and kin): one record per
+  experts module (``FFNSpec.experts``), whose x1 is act(gate) * up of every (token, chosen expert) pair
+  (`FFN.hook_x1`). Fused experts of a class not in the table are refused by name rather than skipped.
 
 A model with none of the table's classes is searched by structure (`find_ffns` says what it found, with the
 `FFNSpec` to pass to make it explicit); an `FFNSpec` list passed as ``specs`` replaces both.
@@ -26,11 +27,15 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.hooks import RemovableHandle
 
-__all__ = ["FFN", "FFN_SPECS", "FFNSpec", "LayerKind", "find_ffns", "layer_kind", "structural_spec"]
+__all__ = ["FFN", "FFN_SPECS", "ExpertRows", "FFNSpec", "LayerKind", "find_ffns", "layer_kind",
+           "refuse_fused_experts", "structural_spec"]
 
 _ROLES = ("up", "down", "gate")
 _HALVES = ("first", "last")
@@ -44,7 +49,10 @@ class FFNSpec:
     (DistilBERT's ``FFN``). A gated FFN computes down(act(gate(x)) * up(x)). ``fused_gate`` says that gate and
     up are the two halves of the ``up`` layer's output (``gate`` is then left None): ``"first"`` or ``"last"``
     is the half the activation is applied to, or the name of a boolean attribute of the module that is True
-    when it is the last half (timm's ``GluMlp.gate_last``).
+    when it is the last half (timm's ``GluMlp.gate_last``). ``experts`` says that ``up`` and ``down`` name the
+    fused 3-D parameters of a mixture-of-experts module, (E, 2I, H) with each expert's [gate; up] rows and
+    (E, H, I), that run act(gate) * up on the tokens routed to each expert (transformers 5's ``MixtralExperts``);
+    ``fused_gate`` is then "first".
     """
 
     classes: tuple[str, ...]
@@ -53,8 +61,13 @@ class FFNSpec:
     act: str
     gate: str | None = None
     fused_gate: str | None = None
+    experts: bool = False
 
     def __post_init__(self) -> None:
+        if self.experts and (self.gate is not None or self.fused_gate != "first"):
+            raise ValueError(f"FFNSpec{self.classes}: experts=True needs fused_gate='first' and no gate (the experts' "
+                             f"[gate; up] rows are one parameter), got gate={self.gate!r}, "
+                             f"fused_gate={self.fused_gate!r}")
         if self.fused_gate is not None and self.gate is not None:
             raise ValueError(f"FFNSpec{self.classes}: gate={self.gate!r} and fused_gate={self.fused_gate!r} "
                              "exclude each other (fused_gate: gate and up are halves of the up layer)")
@@ -90,7 +103,15 @@ FFN_SPECS: tuple[FFNSpec, ...] = (
     FFNSpec(("SwiGLU",), up="fc1_x", down="fc2", act="act", gate="fc1_g"),
     # leanformer MS-MLP block: the channel MLP after the shift mixer
     FFNSpec(("MixShiftBlock",), up="pwconv1", down="pwconv2", act="act"),
+    # transformers 5 fused mixture-of-experts: per expert e, down_proj[e] @ (act_fn(gate) * up), [gate; up] =
+    # gate_up_proj[e] @ x, on the tokens routed to e
+    FFNSpec(("MixtralExperts", "Qwen2MoeExperts", "Qwen3MoeExperts", "OlmoeExperts"), up="gate_up_proj",
+            down="down_proj", act="act_fn", fused_gate="first", experts=True),
 )
+
+# transformers' experts implementations (config._experts_implementation) that call the module's act_fn; the others
+# (sonicmoe, deepgemm) run a fixed activation in a kernel, so a changed or hooked act_fn would not be what runs
+_ACT_FN_IMPLEMENTATIONS = (None, "eager", "batched_mm", "grouped_mm")
 
 
 # --- projection layers -------------------------------------------------------------------------------------------
@@ -190,7 +211,9 @@ class FFN:
     ``gate`` is None for a plain FFN; with ``gate_half`` ("first"/"last") gate and up are the same layer, whose
     output halves they are. ``found_by`` is "table" (`FFN_SPECS`), "specs" (passed by the caller) or "structure"
     (the fallback: the forward is not known beyond its layers). ``in_decoder``: the FFN is in the decoder of an
-    encoder-decoder model, whose tokens the encoder's attention mask does not describe.
+    encoder-decoder model, whose tokens the encoder's attention mask does not describe. ``expert_params`` names
+    the (gate_up, down) 3-D parameters of fused experts (``module`` is then the experts module, and ``up``,
+    ``gate`` and ``down`` are it too); None for an FFN of projection layers.
     """
 
     name: str
@@ -203,6 +226,7 @@ class FFN:
     gate_half: str | None = None
     found_by: str = "table"
     in_decoder: bool = False
+    expert_params: tuple[str, str] | None = None
 
     @property
     def act(self) -> Callable:
@@ -219,27 +243,66 @@ class FFN:
         return self.gate_half is not None
 
     @property
+    def fused_experts(self) -> bool:
+        """Whether this is a fused mixture-of-experts module: 3-D weights, one (out, in) matrix per expert."""
+        return self.expert_params is not None
+
+    @property
+    def num_experts(self) -> int:
+        """The number of experts (1 for an FFN of projection layers)."""
+        return self.weight("down").shape[0] if self.fused_experts else 1
+
+    @property
     def feature_dim(self) -> int:
         """Where the FFN's input and x1 hold their features: -1, or 1 for NCHW maps (1x1 Conv2d FFNs)."""
-        return layer_kind(self.down).feature_dim
+        return -1 if self.fused_experts else layer_kind(self.down).feature_dim
 
     @property
     def in_features(self) -> int:
-        return self.weight("up").shape[1]
+        return self.weight("up").shape[-1]
 
     @property
     def hidden_features(self) -> int:
-        return self.weight("down").shape[1]
+        return self.weight("down").shape[-1]
 
     @property
     def out_features(self) -> int:
-        return self.weight("down").shape[0]
+        return self.weight("down").shape[-2]
 
     def weight(self, role: str) -> torch.Tensor:
         """The (out, in) view of the weight of "up", "gate" or "down", whatever the layer type (and only the
-        role's half of a fused gate/up layer)."""
+        role's half of a fused gate/up layer); for fused experts an (experts, out, in) view."""
         layer = self._layer(role)
+        if self.fused_experts:
+            return self._rows(role, getattr(self.module, self.expert_params[role == "down"]))
         return self._rows(role, layer_kind(layer).weight(layer))
+
+    def hook_x1(self, fn: Callable[[nn.Module, torch.Tensor, ExpertRows | None], None],
+                when: Callable[[nn.Module], bool] | None = None) -> RemovableHandle:
+        """Call ``fn(module, x1, rows)`` in every forward (those where ``when(module)`` holds, if given), x1
+        features last, and return the hook's handle.
+
+        For an FFN of layers x1 is the input of the down projection (``module``), ``rows`` None. Fused experts
+        have no module that takes x1, so it is recomputed from the experts module's inputs exactly as its eager
+        forward computes it (see `expert_x1`; this costs a second gate/up projection): one row per (token, chosen
+        expert) pair, ``rows`` telling each row's token. Hooking the experts' act_fn instead would give
+        act(gate) without up, and rows in an order that depends on the experts implementation.
+        """
+        if not self.fused_experts:
+            def down_hook(module: nn.Module, args: tuple) -> None:
+                if when is None or when(module):
+                    fn(module, self.features_last(args[0]), None)
+
+            return self.down.register_forward_pre_hook(down_hook)
+
+        def experts_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if when is not None and not when(module):
+                return  # skip the recomputation
+            hidden = args[0] if args else kwargs["hidden_states"]
+            top_k_index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            fn(module, *expert_x1(self, hidden, top_k_index))
+
+        return self.module.register_forward_pre_hook(experts_hook, with_kwargs=True)
 
     def bias(self, role: str) -> torch.Tensor | None:
         """The bias of "up", "gate" or "down" (the role's half for a fused gate/up layer), or None."""
@@ -264,9 +327,43 @@ class FFN:
     def _rows(self, role: str, t: torch.Tensor) -> torch.Tensor:
         if not self.fused or role == "down":
             return t
-        half = t.shape[0] // 2
+        dim = 1 if t.dim() == 3 else 0  # (experts, out, in): the rows of each expert
+        half = t.shape[dim] // 2
         first = (role == "gate") == (self.gate_half == "first")
-        return t[:half] if first else t[half:]
+        return t.narrow(dim, 0 if first else half, half)
+
+
+class ExpertRows(NamedTuple):
+    """Which token each row of fused experts' x1 belongs to: ``index`` into the ``tokens`` rows the experts
+    module was called on (batch and sequence flattened, in that order)."""
+
+    index: torch.Tensor
+    tokens: int
+
+
+def expert_x1(ffn: FFN, hidden: torch.Tensor, top_k_index: torch.Tensor) -> tuple[torch.Tensor, ExpertRows]:
+    """x1 = act(gate) * up of fused experts for every (token, chosen expert) pair, as their eager forward computes
+    it (one linear per expert with its [gate; up] rows, then the halves), grouped by expert; and the rows' tokens.
+
+    ``hidden`` is (tokens, H), ``top_k_index`` (tokens, k): the experts module's inputs. An index equal to the
+    number of experts (expert parallelism's "not on this rank") chooses nothing.
+    """
+    experts = ffn.num_experts
+    chosen = top_k_index.reshape(-1)
+    index = torch.arange(hidden.shape[0], device=hidden.device).repeat_interleave(top_k_index.shape[-1])
+    keep = chosen < experts
+    chosen, index = chosen[keep], index[keep]
+    order = chosen.argsort(stable=True)
+    chosen, index = chosen[order], index[order]
+    gate_up = getattr(ffn.module, ffn.expert_params[0])
+    parts, start = [], 0
+    for expert, count in enumerate(torch.bincount(chosen, minlength=experts).tolist()):
+        if count:
+            gate, up = F.linear(hidden[index[start:start + count]], gate_up[expert]).chunk(2, dim=-1)
+            parts.append(ffn.act(gate) * up)
+            start += count
+    x1 = torch.cat(parts) if parts else hidden.new_zeros(0, ffn.hidden_features)
+    return x1, ExpertRows(index, hidden.shape[0])
 
 
 def _resolve(module: nn.Module, path: str, what: str, owner: str) -> object:
@@ -289,6 +386,8 @@ def _gate_half(module: nn.Module, spec: FFNSpec, owner: str) -> str | None:
 
 def _record(name: str, module: nn.Module, spec: FFNSpec, found_by: str, in_decoder: bool) -> FFN:
     owner = name or type(module).__name__
+    if spec.experts:
+        return _experts_record(name, module, spec, found_by, in_decoder)
     layers = {}
     for role in _ROLES:
         path = getattr(spec, role)
@@ -312,6 +411,42 @@ def _record(name: str, module: nn.Module, spec: FFNSpec, found_by: str, in_decod
     return ffn
 
 
+def _experts_record(name: str, module: nn.Module, spec: FFNSpec, found_by: str, in_decoder: bool) -> FFN:
+    """The record of a fused experts module, after checking that it computes what `expert_x1` recomputes."""
+    owner = name or type(module).__name__
+    shapes = {}
+    for role, path in (("gate_up", spec.up), ("down", spec.down)):
+        param = _resolve(module, path, role, owner)
+        if not isinstance(param, torch.Tensor) or param.dim() != 3:
+            raise ValueError(f"{owner}.{path} ({role}) is not a 3-D (experts, out, in) parameter (spec does not fit "
+                             "this module)")
+        shapes[role] = tuple(param.shape)
+    (experts, gate_up, hidden), down = shapes["gate_up"], shapes["down"]
+    if down != (experts, hidden, gate_up // 2) or gate_up % 2:
+        raise ValueError(f"{owner}: gate_up {shapes['gate_up']} and down {down} are not (E, 2I, H) and (E, H, I) "
+                         "(spec does not fit this module)")
+    for flag in ("has_bias", "is_transposed"):
+        if getattr(module, flag, False):
+            raise ValueError(f"{owner}: fused experts with {flag}=True are not supported (unsupported layer type)")
+    implementation = getattr(getattr(module, "config", None), "_experts_implementation", None)
+    if implementation not in _ACT_FN_IMPLEMENTATIONS:
+        raise ValueError(f"{owner}: experts implementation {implementation!r} does not call the module's act_fn, "
+                         f"which the sparsity tools change and measure; use one of "
+                         f"{[i for i in _ACT_FN_IMPLEMENTATIONS if i]} (model.set_experts_implementation)")
+    if not callable(_resolve(module, spec.act, "activation", owner)):
+        raise ValueError(f"{owner}.{spec.act} (activation) is not callable")
+    return FFN(name, module, module, module, module, module, spec.act, "first", found_by, in_decoder,
+               (spec.up, spec.down))
+
+
+def refuse_fused_experts(ffns: Iterable[FFN], tool: str, reason: str) -> None:
+    """ValueError naming the first fused experts module among ``ffns``: ``tool`` cannot work on them, ``reason``."""
+    for ffn in ffns:
+        if ffn.fused_experts:
+            raise ValueError(f"{ffn.name or type(ffn.module).__name__} is a {type(ffn.module).__name__}: {tool} does "
+                             f"not support fused mixture-of-experts weights ({reason})")
+
+
 def _check_widths(ffn: FFN, owner: str) -> None:
     """The layers must chain: up (and gate) produce the hidden units down consumes (half of a fused layer each)."""
     widths = {role: ffn.weight(role).shape[0] for role in ("up", "gate") if role != "gate" or ffn.gated}
@@ -328,17 +463,20 @@ def _class_keys(module: nn.Module) -> tuple[str, str]:
     return cls.__name__, f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _refuse_fused_experts(model: nn.Module) -> None:
-    """Mixture-of-experts layers whose experts are 3-D parameters (transformers 5's MixtralExperts, Qwen3MoeExperts,
-    ...) have no projection layer to measure or sparsify; skipping them would report a part of the model as all of
-    it, so they are refused, naming the layer."""
+def _refuse_fused_experts(model: nn.Module, specs: Iterable[FFNSpec]) -> None:
+    """Mixture-of-experts layers whose experts are 3-D parameters, of a class the table does not describe, have no
+    projection layer to measure or sparsify; skipping them would report a part of the model as all of it, so they
+    are refused, naming the layer."""
+    known = {cls for spec in specs for cls in spec.classes}
     for name, module in model.named_modules():
         fused = {key: tuple(p.shape) for key, p in module.named_parameters(recurse=False) if p.dim() == 3}
-        if fused and type(module).__name__.endswith("Experts"):
+        if fused and type(module).__name__.endswith("Experts") and not known.intersection(_class_keys(module)):
             raise ValueError(
                 f"{name or type(model).__name__} is a {type(module).__name__}: its experts are fused 3-D parameters "
-                f"({', '.join(f'{k} {s}' for k, s in fused.items())}), not projection layers; the sparsity tools do "
-                "not support fused mixture-of-experts weights (unsupported layer type)")
+                f"({', '.join(f'{k} {s}' for k, s in fused.items())}), not projection layers, and its class is not "
+                "in the FFN table; the sparsity tools do not support these fused mixture-of-experts weights "
+                "(unsupported layer type): describe them with FFNSpec(..., experts=True) if they compute "
+                "down_proj[e] @ (act_fn(gate) * up) as MixtralExperts does")
 
 
 def _in_decoder(model: nn.Module, name: str) -> bool:
@@ -363,13 +501,14 @@ def find_ffns(model: nn.Module, specs: Iterable[FFNSpec] | None = None) -> list[
     by structure (an up projection, one activation and a down projection as children of one module, see
     `structural_spec`) and a warning says what was found and the `FFNSpec` that makes it explicit. ``specs``
     replaces both, e.g. ``find_ffns(model, [FFNSpec(("MyBlock",), up="w1", down="w2", act="act")])``.
-    Raises ValueError if no FFN is found, naming the model class, and for fused mixture-of-experts layers.
+    Fused mixture-of-experts modules of the table (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) give one record each;
+    ValueError if no FFN is found, naming the model class, and for fused experts of any other class.
     """
     if specs is not None:
         found = _by_table(model, tuple(specs), "specs")
         known = sorted({cls for spec in specs for cls in spec.classes})
     else:
-        _refuse_fused_experts(model)
+        _refuse_fused_experts(model, FFN_SPECS)
         found = _by_table(model, FFN_SPECS, "table") or _by_structure(model)
         known = sorted({cls for spec in FFN_SPECS for cls in spec.classes})
     if not found:

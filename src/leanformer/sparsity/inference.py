@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from .._timing import time_interleaved
 from .activations import FATReLU, TopK
-from .ffn import FFN, FFNSpec, find_ffns, layer_kind
+from .ffn import FFN, FFNSpec, find_ffns, layer_kind, refuse_fused_experts
 from .kernels import backend, gated_down, gather_matmul, input_sparse_down, scatter_matmul
 
 __all__ = ["INFERENCE_MODES", "SparseGatedFFN", "SparseInputConv1D", "SparseInputConv2d", "SparseInputLinear",
@@ -269,6 +269,8 @@ def _fusable_threshold(act: nn.Module) -> float | None:
 _GATED_LAYOUT = ("the whole-FFN sparse path needs separate gate and up Linears, a Linear down projection and the "
                  "activation as direct children of a module known from the table or specs, with nothing else "
                  "computing in it (dropout and identity aside)")
+_EXPERTS_REASON = ("exact sparse inference of fused experts, which gather each expert's tokens, is out of scope; "
+                   "measure_sparsity, relufy, apply_topk and prosparse do support them")
 _INERT = (nn.Dropout, nn.Identity)  # children a gated FFN may hold besides its layers: no-ops in eval
 
 
@@ -388,6 +390,7 @@ def sparsify_for_inference(model: nn.Module, mode: str = "exact", predictors=Non
                                      and 0.0 <= max_active <= 1.0)):
         raise ValueError(f"max_active must be 'auto' or a fraction in [0, 1], got {max_active!r}")
     ffns = find_ffns(model, specs)
+    refuse_fused_experts(ffns, "sparsify_for_inference", _EXPERTS_REASON)
     _validate(model, ffns, mode, predictors, specs)
     calibrated: dict[tuple, float] = {}
     for ffn in ffns:

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from .._io import atomic_write
 from ._batches import split_batch
-from ._tokens import align_mask, mask_of, padding_masks
+from ._tokens import align_mask, mask_of, padding_masks, rows_mask
 from .ffn import FFNSpec, find_ffns
 
 __all__ = ["LayerSparsity", "SparsityReport", "measure_sparsity"]
@@ -187,6 +187,10 @@ def measure_sparsity(model: nn.Module, batches: Iterable, specs: Iterable[FFNSpe
     (a sequence, or the H, W of a map) its tokens. A value
     counts as zero only if it is exactly 0. The model runs in eval mode under no_grad; the training flags
     of all its modules are restored afterwards and the hooks are removed, even if the forward raises.
+
+    Fused mixture-of-experts modules (Mixtral) count one token per (token, chosen expert) pair: x1 = act(gate) * up
+    of that expert, recomputed from the experts module's inputs (`FFN.hook_x1`); padding is left out pair by pair,
+    and their x1 has no sequence dimension (union_active_fraction None).
     """
     ffns = find_ffns(model, specs)
     counters = [_LayerCounter(ffn.name, ffn.hidden_features) for ffn in ffns]
@@ -194,8 +198,8 @@ def measure_sparsity(model: nn.Module, batches: Iterable, specs: Iterable[FFNSpe
     current = {False: None, True: None}  # the running batch's encoder/decoder masks, read by the hooks
 
     def make_hook(ffn, counter: _LayerCounter):
-        def hook(_module, args):
-            counter.update(ffn.features_last(args[0]), mask_of(ffn, current))
+        def hook(_module, x1, rows):
+            counter.update(x1, rows_mask(mask_of(ffn, current), rows, ffn.name))
 
         return hook
 
@@ -203,7 +207,7 @@ def measure_sparsity(model: nn.Module, batches: Iterable, specs: Iterable[FFNSpe
     n_batches = 0
     try:
         for ffn, counter in zip(ffns, counters, strict=True):
-            handles.append(ffn.down.register_forward_pre_hook(make_hook(ffn, counter)))
+            handles.append(ffn.hook_x1(make_hook(ffn, counter)))
         model.eval()
         with torch.no_grad():
             for batch in batches:

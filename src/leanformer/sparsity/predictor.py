@@ -40,7 +40,7 @@ from .._io import atomic_write
 from .._loading import read_safetensors
 from ._batches import split_batch
 from ._tokens import align_mask, mask_of, padding_masks
-from .ffn import FFN, FFNSpec, find_ffns
+from .ffn import FFN, FFNSpec, find_ffns, refuse_fused_experts
 
 __all__ = ["LayerPrediction", "LowRankPredictor", "PredictorConfig", "PredictorReport", "Predictors",
            "evaluate_predictors", "record_ffn_activity", "train_predictors"]
@@ -289,6 +289,8 @@ def _run_ffns(model: nn.Module, batches: Iterable, ffns: list[FFN], mask_key: st
               on_tokens: Callable[[int, torch.Tensor, torch.Tensor], None]) -> None:
     """Run ``model`` (eval, no_grad) over ``batches``; for every FFN call, ``on_tokens(index, x, active)`` gets its
     input tokens [n, in] and their ``x1 != 0`` [n, hidden] (padding tokens left out). Hooks always come off."""
+    refuse_fused_experts(ffns, caller, "predictors choose units of an FFN's down projection, which sparse "
+                         "inference does not support for fused experts")
     pending: list[torch.Tensor | None] = [None] * len(ffns)  # the FFN input, from up's call to down's
     current: dict = {False: None, True: None}  # the running batch's encoder/decoder masks
 

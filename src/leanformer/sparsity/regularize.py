@@ -11,7 +11,9 @@ the paper's constant λ = 0.1 reaches about the same sparsity but loses two poin
   `PROSPARSE_13B` are the paper's tables, `scaled()` stretches one to a shorter run.
 - `SparsityRegularizer`: forward pre-hooks on each FFN's down projection (found through `find_ffns`, so any
   model with a known or described FFN) that sum the L1 norm of x₁ during training forwards; `loss(step)`
-  returns λ(step) times that sum and starts the next one.
+  returns λ(step) times that sum and starts the next one. Fused mixture-of-experts modules (Mixtral) have no
+  down projection module: their x₁ = act(gate) * up per (token, chosen expert) pair is recomputed from the
+  experts module's inputs (`FFN.hook_x1`), at the cost of a second gate/up projection of those experts.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ import torch
 import torch.nn as nn
 
 from .._checks import is_int, is_real
-from ._tokens import PaddingMasks, align_mask, mask_of
-from .ffn import FFN, FFNSpec, find_ffns
+from ._tokens import PaddingMasks, align_mask, mask_of, rows_mask
+from .ffn import FFN, ExpertRows, FFNSpec, find_ffns
 
 __all__ = ["PROSPARSE_13B", "PROSPARSE_7B", "NORMALIZATIONS", "ProSparseSchedule", "SparsityRegularizer"]
 
@@ -135,6 +137,11 @@ class ProSparseSchedule:
         return ProSparseSchedule(tuple(zip(ends, (lam for _, lam in self.stages), strict=True)))
 
 
+def _counted(module: nn.Module) -> bool:
+    """Whether a forward of ``module`` is a training forward the regulariser counts."""
+    return module.training and torch.is_grad_enabled()
+
+
 class SparsityRegularizer:
     """λ(step)·Σ_layers ‖x₁‖₁ over the FFNs of ``model``, measured by hooks during training forwards.
 
@@ -172,18 +179,17 @@ class SparsityRegularizer:
         self._total: torch.Tensor | None = None
         self._masks: PaddingMasks = {False: None, True: None}
         self._zero_fractions: dict[int, torch.Tensor] = {}  # FFN index -> zero fraction in its last forward
-        self._handles = [ffn.down.register_forward_pre_hook(self._hook_for(i)) for i, ffn in enumerate(self.ffns)]
+        self._handles = [ffn.hook_x1(self._hook_for(i), _counted) for i, ffn in enumerate(self.ffns)]
 
     def _hook_for(self, index: int):
-        def hook(module: nn.Module, args: tuple) -> None:
-            x1 = args[0]
-            if module.training and torch.is_grad_enabled() and x1.requires_grad:
-                self._measure(index, x1)
+        def hook(_module: nn.Module, x1: torch.Tensor, rows: ExpertRows | None) -> None:
+            if x1.requires_grad:
+                self._measure(index, x1, rows)
         return hook
 
-    def _measure(self, index: int, x1: torch.Tensor) -> None:
+    def _measure(self, index: int, x1: torch.Tensor, rows: ExpertRows | None) -> None:
         ffn = self.ffns[index]
-        x1, mask = align_mask(ffn.features_last(x1), mask_of(ffn, self._masks), ffn.name)
+        x1, mask = align_mask(x1, rows_mask(mask_of(ffn, self._masks), rows, ffn.name), ffn.name)
         mask = None if mask is None else mask.to(torch.float32)
         units = x1.shape[-1]
         # abs saves x1 (already kept by the down matmul); the per-token sums keep nothing of x1's size
@@ -235,7 +241,7 @@ class SparsityRegularizer:
         return float(torch.stack([f.to(self._device()) for f in self._zero_fractions.values()]).mean())
 
     def _device(self) -> torch.device:
-        return self.ffns[0].down.weight.device
+        return self.ffns[0].weight("down").device
 
     def remove(self) -> None:
         """Take the hooks off the model (idempotent)."""
