@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from leanformer.sparsity import (
     FATReLU,
+    FFNSpec,
     ProSparseConfig,
     ProSparseSchedule,
     SparsityRegularizer,
@@ -253,8 +254,24 @@ def test_x1_follows_the_model_under_eager_and_batched_experts():
     with torch.no_grad():
         hidden = _moe_inputs(model)[0]
     expected, tokens = _reference_x1(model.model.layers[0].mlp, hidden, F.relu)
-    # the same multiset of (token, x1) rows, whatever the order
-    key = lambda rows_, x: sorted(zip(rows_.tolist(), x.tolist(), strict=True))  # noqa: E731
-    for (tok_a, a), (tok_b, b) in zip(key(rows.index, t), key(tokens, expected), strict=True):
+    # the same (token, x1) rows as by hand, whatever the order
+    for (tok_a, a), (tok_b, b) in zip(_by_token(rows.index, t), _by_token(tokens, expected), strict=True):
         assert tok_a == tok_b
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b))
+
+
+def _by_token(tokens: torch.Tensor, x1: torch.Tensor) -> list[tuple[int, list[float]]]:
+    """Rows of x1 with their token, in one order whatever order they came in."""
+    return sorted(zip(tokens.tolist(), x1.tolist(), strict=True))
+
+
+def test_an_experts_spec_is_validated_and_usable_as_specs():
+    with pytest.raises(ValueError, match=r"experts=True needs fused_gate='first'"):
+        FFNSpec(("MyExperts",), up="w13", down="w2", act="act", experts=True)
+    spec = FFNSpec(("MixtralExperts",), up="gate_up_proj", down="down_proj", act="act_fn", fused_gate="first",
+                   experts=True)
+    ffns = find_ffns(_mixtral(), [spec])
+    assert [ffn.found_by for ffn in ffns] == ["specs", "specs"] and all(ffn.fused_experts for ffn in ffns)
+    with pytest.raises(ValueError, match=r"mlp\.gate\.weight \(down\) is not a 3-D \(experts, out, in\) parameter"):
+        find_ffns(_mixtral(), [FFNSpec(("MixtralSparseMoeBlock",), up="experts.gate_up_proj", down="gate.weight",
+                                       act="experts", fused_gate="first", experts=True)])

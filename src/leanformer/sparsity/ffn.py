@@ -64,10 +64,10 @@ class FFNSpec:
     experts: bool = False
 
     def __post_init__(self) -> None:
-        if self.experts and (self.gate is not None or self.fused_gate != "first"):
-            raise ValueError(f"FFNSpec{self.classes}: experts=True needs fused_gate='first' and no gate (the experts' "
-                             f"[gate; up] rows are one parameter), got gate={self.gate!r}, "
-                             f"fused_gate={self.fused_gate!r}")
+        if self.experts and (self.gate is not None or self.fused_gate != "first" or "." in self.act):
+            raise ValueError(f"FFNSpec{self.classes}: experts=True needs fused_gate='first', no gate (the experts' "
+                             f"[gate; up] rows are one parameter) and an act held by the experts module itself, got "
+                             f"gate={self.gate!r}, fused_gate={self.fused_gate!r}, act={self.act!r}")
         if self.fused_gate is not None and self.gate is not None:
             raise ValueError(f"FFNSpec{self.classes}: gate={self.gate!r} and fused_gate={self.fused_gate!r} "
                              "exclude each other (fused_gate: gate and up are halves of the up layer)")
@@ -274,7 +274,8 @@ class FFN:
         role's half of a fused gate/up layer); for fused experts an (experts, out, in) view."""
         layer = self._layer(role)
         if self.fused_experts:
-            return self._rows(role, getattr(self.module, self.expert_params[role == "down"]))
+            gate_up, down = self.expert_params
+            return self._rows(role, getattr(self.module, down if role == "down" else gate_up))
         return self._rows(role, layer_kind(layer).weight(layer))
 
     def hook_x1(self, fn: Callable[[nn.Module, torch.Tensor, ExpertRows | None], None],
