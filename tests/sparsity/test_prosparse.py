@@ -241,3 +241,28 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path)
     assert str(tmp_path) in str(err.value)
     assert load_checkpoint_folder(tmp_path)[1]["step"] == 4  # the evaluation before, intact
     assert not (tmp_path / ".lock").exists()
+
+
+def test_disk_full_during_a_checkpoint_says_which_one_is_kept(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from leanformer.train import checkpoint
+    from leanformer.train.checkpoint import CheckpointWriteError
+
+    save_file, written = checkpoint.save_file, []
+
+    def fills_the_disk(tensors, path):
+        written.append(path)
+        if len(written) > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        save_file(tensors, path)
+
+    monkeypatch.setattr(checkpoint, "save_file", fills_the_disk)
+    config = ProSparseConfig(steps=4, relu_steps=1, stages=((2, 0.1),), lr=1e-3, eval_every=2, batch_size=2,
+                             seq_len=16)
+    with pytest.raises(CheckpointWriteError, match=rf"No space left on device: .*: the last good checkpoint, "
+                                                   rf"{tmp_path / 'ck'}, is kept"):
+        run(config, checkpoint_dir=tmp_path / "ck")
+    monkeypatch.setattr(checkpoint, "save_file", save_file)
+    assert load_checkpoint_folder(tmp_path / "ck")[1]["step"] == 2

@@ -7,13 +7,13 @@ import json
 import time
 from pathlib import Path
 
-from .._io import check_writable_dir, describe_os_error, dumps_json
+from .._io import check_writable_dir, dumps_json
 from .._machine import check_fits_in_memory
 from ..data import digits
 from ..models import is_model
 from ..models._registry import model_entrypoint, weight_bytes
 from ..train import TrainConfig, Trainer
-from ..train.checkpoint import load_checkpoint_folder, resolve_resume_folder, resume_run_folder
+from ..train.checkpoint import CheckpointWriteError, load_checkpoint_folder, resolve_resume_folder, resume_run_folder
 from ._options import add_config_options, given_options
 
 DEFAULTS = TrainConfig()
@@ -136,15 +136,12 @@ def _weight_bytes(config: TrainConfig) -> int | None:
 
 
 def fit(trainer: Trainer, resume: Path | None, output: Path):
-    """``trainer.fit``, an OSError (disk full while a checkpoint is written) reported in one line saying which
-    checkpoint survives: checkpoints are written atomically, so the previous one is intact."""
+    """``trainer.fit``, a failed checkpoint write (disk full) said with how to go on from the one kept."""
     try:
         return trainer.fit(resume=resume)
-    except OSError as err:
-        last = output / "last"
-        kept = (f"the last good checkpoint, {last}, is kept (continue with --resume {output})"
-                if (last / "meta.json").is_file() else "no checkpoint had been written yet")
-        raise ValueError(f"{describe_os_error(err)}: training stopped, {kept}") from err
+    except CheckpointWriteError as err:
+        hint = f" (continue with --resume {output})" if (output / "last" / "meta.json").is_file() else ""
+        raise CheckpointWriteError(f"{err}: training stopped{hint}") from err
 
 
 def run(args: argparse.Namespace) -> int:

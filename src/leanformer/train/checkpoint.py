@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .._checks import is_int, is_real
-from .._io import atomic_write, dumps_json, sha256_of, write_json_atomic
+from .._io import atomic_write, describe_os_error, dumps_json, sha256_of, write_json_atomic
 
 FORMAT = "leanformer.train-checkpoint"
 VERSION = 2  # 2: meta.json carries meta_sha256, a digest of its own content
@@ -95,9 +95,24 @@ def meta_digest(meta: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()).hexdigest()
 
 
+class CheckpointWriteError(ValueError):
+    """Writing a checkpoint failed (disk full, permission denied, ...): the message says what and which checkpoint
+    the folder still holds (writes are atomic, so the previous one is intact)."""
+
+
 def save_checkpoint(folder: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
-    """Write a checkpoint into `folder` atomically; older state files there are removed after."""
+    """Write a checkpoint into `folder` atomically; older state files there are removed after. An OSError while
+    writing becomes `CheckpointWriteError`, naming the checkpoint kept."""
     folder = Path(folder)
+    try:
+        return _write_checkpoint(folder, tensors, meta)
+    except OSError as err:
+        kept = (f"the last good checkpoint, {folder}, is kept" if (folder / "meta.json").is_file() else
+                f"no checkpoint had been written to {folder} yet")
+        raise CheckpointWriteError(f"{describe_os_error(err)}: {kept}") from err
+
+
+def _write_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
     state_name = state_file_name(meta["step"])
     atomic_write(folder / state_name, lambda tmp: save_file(tensors, tmp))
     record = {**meta, "format": FORMAT, "version": VERSION, "state_file": state_name,
