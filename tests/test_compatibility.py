@@ -9,21 +9,14 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("timm")
 
-from benchmarks.compatibility import FAMILIES, TRANSFORMS, run_cell  # noqa: E402
-
-# cells that are refused on purpose, and the words the refusal must contain
-UNSUPPORTED = {("Mixtral", "sparse"): "sparsify_for_inference does not support fused mixture-of-experts weights"}
+from benchmarks.compatibility import FAMILIES, REFUSED, TRANSFORMS, is_expected, run_cell  # noqa: E402
 
 
 @pytest.mark.parametrize("transform", TRANSFORMS)
 @pytest.mark.parametrize("family", FAMILIES, ids=[f.name for f in FAMILIES])
 def test_transform_works_on_family(family, transform):
     result = run_cell(family, transform)
-    expected_refusal = UNSUPPORTED.get((family.name, transform))
-    if expected_refusal:
-        assert result["status"] == "fail" and expected_refusal in result["detail"], result
-    else:
-        assert result["status"] == "ok", result["detail"]
+    assert is_expected(family, transform, result), (REFUSED.get((family.name, transform)), result)
 
 
 def test_at_least_twenty_families_from_transformers_and_timm():
