@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 import functools
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -168,13 +170,18 @@ def _run(model: nn.Module, inputs):
     return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
-def _ffn_input_hooks(model: nn.Module) -> tuple[list, dict]:
-    """Forward pre-hooks on every up projection, keeping the FFN inputs (features last)."""
+@contextmanager
+def _ffn_inputs(model: nn.Module) -> Iterator[dict[str, list]]:
+    """Inside the block, every FFN's inputs (features last) by FFN name, kept by pre-hooks on the up projections."""
     inputs: dict[str, list] = {}
     handles = [ffn.up.register_forward_pre_hook(
         lambda _m, args, ffn=ffn: inputs.setdefault(ffn.name, []).append(ffn.features_last(args[0]).detach()))
         for ffn in find_ffns(model)]
-    return handles, inputs
+    try:
+        yield inputs
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _x1_by_hand(ffn, x: torch.Tensor) -> torch.Tensor:
@@ -209,10 +216,8 @@ def test_find_ffns_finds_every_ffn_with_its_layers(family):
 def test_measure_sparsity_of_a_relu_model_equals_the_hand_computed_zeros(family):
     _, inputs, _, _ = FAMILIES[family]
     model = relufy(model_of(family))
-    handles, ffn_inputs = _ffn_input_hooks(model)
-    report = measure_sparsity(model, [inputs])
-    for handle in handles:
-        handle.remove()
+    with _ffn_inputs(model) as ffn_inputs:
+        report = measure_sparsity(model, [inputs])
     for ffn, layer in zip(find_ffns(model), report.layers, strict=True):
         x1 = torch.cat([_x1_by_hand(ffn, x).reshape(-1, ffn.hidden_features) for x in ffn_inputs[ffn.name]])
         assert layer.name == ffn.name and layer.tokens == x1.shape[0]
@@ -289,10 +294,8 @@ def test_predictor_data_are_the_ffn_tokens_of_every_layout(family):
     """record_ffn_activity reads Conv1D, NCHW and fused gate/up FFNs: inputs and x1 != 0, features last."""
     _, inputs, _, _ = FAMILIES[family]
     model = relufy(model_of(family))
-    handles, ffn_inputs = _ffn_input_hooks(model)
-    data = record_ffn_activity(model, [inputs])
-    for handle in handles:
-        handle.remove()
+    with _ffn_inputs(model) as ffn_inputs:
+        data = record_ffn_activity(model, [inputs])
     for ffn in find_ffns(model):
         x, active = data[ffn.name]
         expected = ffn_inputs[ffn.name][0].reshape(-1, ffn.in_features)
@@ -324,10 +327,8 @@ def _mean_zeros(rows: list[torch.Tensor]) -> float:
 def test_opt_measures_with_an_attention_mask_although_its_ffn_flattens_tokens():
     model = relufy(model_of("opt"))
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
-    handles, ffn_inputs = _ffn_input_hooks(model)
-    report = measure_sparsity(model, [{**TEXT, "attention_mask": mask}])
-    for handle in handles:
-        handle.remove()
+    with _ffn_inputs(model) as ffn_inputs:
+        report = measure_sparsity(model, [{**TEXT, "attention_mask": mask}])
     for ffn, layer in zip(find_ffns(model), report.layers, strict=True):
         x1 = _x1_by_hand(ffn, ffn_inputs[ffn.name][0])  # (batch * seq, hidden)
         assert x1.dim() == 2 and layer.tokens == 10
@@ -341,12 +342,10 @@ def test_t5_decoder_ffns_are_not_held_to_the_encoder_mask():
     model = relufy(model_of("t5"))
     mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
     decoder_mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
-    handles, ffn_inputs = _ffn_input_hooks(model)
-    plain = measure_sparsity(model, [{**TEXT, **DECODER, "attention_mask": mask}])
-    both = measure_sparsity(model, [{**TEXT, **DECODER, "attention_mask": mask,
-                                     "decoder_attention_mask": decoder_mask}])
-    for handle in handles:
-        handle.remove()
+    with _ffn_inputs(model) as ffn_inputs:
+        plain = measure_sparsity(model, [{**TEXT, **DECODER, "attention_mask": mask}])
+        both = measure_sparsity(model, [{**TEXT, **DECODER, "attention_mask": mask,
+                                         "decoder_attention_mask": decoder_mask}])
     ffns = find_ffns(model)
     assert [ffn.in_decoder for ffn in ffns] == [False, False, True, True]  # encoder, then decoder FFNs
     for ffn, layer, masked in zip(ffns, plain.layers, both.layers, strict=True):
