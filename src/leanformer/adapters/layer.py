@@ -20,10 +20,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._projections import SUPPORTED_LAYERS, layer_kind
 from .config import SMoRAConfig
 
 __all__ = ["ForwardEnd", "ForwardStart", "RoutingContext", "SMoRALinear", "attach_root", "dense_adapter",
-           "feature_sizes", "gather_adapter", "in_backward", "layer_kind"]
+           "feature_sizes", "gather_adapter", "in_backward"]
 
 
 class RoutingContext:
@@ -88,45 +89,28 @@ def in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-def layer_kind(layer: nn.Module) -> str | None:
-    """Which kind of layer SMoRA can wrap ``layer`` is: "linear", "conv1d" (transformers' ``Conv1D`` of GPT-2 and
-    its descendants, y = x W + b with W stored (in, out)) or "conv1x1" (a 1x1 ``nn.Conv2d``, a Linear over the
-    channels of an NCHW map); None if it cannot."""
-    if isinstance(layer, nn.Linear):
-        return "linear"
-    if type(layer).__name__ == "Conv1D" and isinstance(getattr(layer, "weight", None), torch.Tensor) \
-            and layer.weight.dim() == 2:
-        return "conv1d"
-    if isinstance(layer, nn.Conv2d) and layer.kernel_size == (1, 1) and layer.stride == (1, 1) \
-            and layer.dilation == (1, 1) and layer.groups == 1 and layer.padding in ((0, 0), "valid", "same"):
-        return "conv1x1"
-    return None
-
-
 def feature_sizes(layer: nn.Module) -> tuple[int, int]:
-    """(in, out) features of a layer SMoRA can wrap; TypeError naming the layer type for any other."""
+    """(in, out) features of a layer SMoRA can wrap (see `leanformer._projections`: nn.Linear, transformers'
+    Conv1D, 1x1 nn.Conv2d); TypeError naming the layer type for any other."""
     kind = layer_kind(layer)
-    if kind == "linear":
-        return layer.in_features, layer.out_features
-    if kind == "conv1d":
-        return tuple(layer.weight.shape)
-    if kind == "conv1x1":
-        return layer.in_channels, layer.out_channels
-    detail = (f" with kernel {layer.kernel_size}, stride {layer.stride}, groups {layer.groups}"
-              if isinstance(layer, nn.Conv2d) else "")
-    raise TypeError(f"{type(layer).__name__}{detail} is not supported by SMoRA: it wraps nn.Linear, transformers' "
-                    "Conv1D and 1x1 nn.Conv2d (stride 1, one group)")
+    if kind is None or kind.unfit(layer) is not None:
+        detail = (f" with kernel {layer.kernel_size}, stride {layer.stride}, groups {layer.groups}"
+                  if isinstance(layer, nn.Conv2d) else "")
+        raise TypeError(f"{type(layer).__name__}{detail} is not supported by SMoRA: it wraps {SUPPORTED_LAYERS} "
+                        "(stride 1, one group)")
+    out_features, in_features = kind.weight(layer).shape
+    return in_features, out_features
 
 
 class SMoRALinear(nn.Module):
     """``base_layer(x)`` plus the routed adapter; the base layer (nn.Linear, Conv1D or 1x1 Conv2d, see
-    `layer_kind`) is frozen, A/B/router trainable."""
+    `feature_sizes`) is frozen, A/B/router trainable."""
 
     def __init__(self, base_layer: nn.Module, config: SMoRAConfig, context: RoutingContext | None = None,
                  compute: str = "gather"):
         super().__init__()
         in_features, out_features = feature_sizes(base_layer)
-        self._channels_first = layer_kind(base_layer) == "conv1x1"
+        self._channels_first = layer_kind(base_layer).feature_dim == 1  # a 1x1 Conv2d: features of NCHW maps
         self.base_layer = base_layer.requires_grad_(False)
         self.config = config
         factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}

@@ -9,9 +9,10 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
+from .._projections import layer_kind
 from .._timing import time_interleaved
 from .config import ALL_LINEAR, SMoRAConfig
-from .layer import RoutingContext, SMoRALinear, attach_root, dense_adapter, feature_sizes, gather_adapter, layer_kind
+from .layer import RoutingContext, SMoRALinear, attach_root, dense_adapter, feature_sizes, gather_adapter
 
 __all__ = ["add_smora", "choose_compute", "disable_adapters", "routing_report", "smora_layers", "target_names"]
 
@@ -27,7 +28,7 @@ def smora_layers(model: nn.Module) -> dict[str, SMoRALinear]:
 
 def target_names(model: nn.Module, config: SMoRAConfig) -> list[str]:
     """Names of the layers ``config.target_modules`` selects (before any is wrapped): nn.Linear, Conv1D and, when
-    named, 1x1 Conv2d (see `layer_kind`). Never one inside ``modules_to_save``, which trains in full, nor one
+    named, 1x1 Conv2d (see `feature_sizes`). Never one inside ``modules_to_save``, which trains in full, nor one
     inside a layer that already wraps a ``base_layer`` (a PEFT LoRA layer: its lora_A/lora_B and base layer
     belong to that adapter). A named layer SMoRA cannot wrap raises ValueError saying which type it is."""
     modules = dict(model.named_modules())
@@ -36,14 +37,14 @@ def target_names(model: nn.Module, config: SMoRAConfig) -> list[str]:
                                                                                nn.Module))]
     inside = lambda n: any(n == s or n.startswith(s + ".") for s in skipped)
     if config.target_modules == ALL_LINEAR:
-        return [n for n, m in modules.items() if n and not inside(n) and layer_kind(m) in ("linear", "conv1d")
+        return [n for n, m in modules.items() if n and not inside(n) and _kind_name(m) in ("Linear", "Conv1D")
                 and not set(n.split(".")) & set(_OUTPUT_LAYER_NAMES)]
     if isinstance(config.target_modules, str):
         matched = [n for n in modules if n and re.fullmatch(config.target_modules, n)]
     else:
         matched = [n for n in modules if n and _matches(n, config.target_modules)]
     leaves = [n for n in matched if not inside(n) and _is_layer(modules[n])]
-    unsupported = [n for n in leaves if layer_kind(modules[n]) is None]
+    unsupported = [n for n in leaves if _kind_name(modules[n]) is None]
     if unsupported:
         try:
             feature_sizes(modules[unsupported[0]])
@@ -149,7 +150,13 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def _some_layers(model: nn.Module, count: int = 5) -> list[str]:
-    return [name for name, m in model.named_modules() if layer_kind(m) is not None][:count]
+    return [name for name, m in model.named_modules() if _kind_name(m) is not None][:count]
+
+
+def _kind_name(module: nn.Module) -> str | None:
+    """The projection kind SMoRA can wrap ``module`` as ("Linear", "Conv1D", "Conv2d" if 1x1), else None."""
+    kind = layer_kind(module)
+    return None if kind is None or kind.unfit(module) is not None else kind.name
 
 
 def _is_layer(module: nn.Module) -> bool:

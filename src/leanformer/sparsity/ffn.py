@@ -34,6 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.hooks import RemovableHandle
 
+from .._projections import SUPPORTED_LAYERS, LayerKind, layer_kind
+
 __all__ = ["FFN", "FFN_SPECS", "ExpertRows", "FFNSpec", "LayerKind", "find_ffns", "layer_kind",
            "refuse_fused_experts", "structural_spec"]
 
@@ -117,85 +119,11 @@ _ACT_FN_IMPLEMENTATIONS = (None, "eager", "batched_mm", "grouped_mm")
 # --- projection layers -------------------------------------------------------------------------------------------
 
 
-def _linear_weight(layer: nn.Module) -> torch.Tensor:
-    return layer.weight
-
-
-def _conv1d_weight(layer: nn.Module) -> torch.Tensor:
-    return layer.weight.t()  # transformers' Conv1D stores (in, out)
-
-
-def _conv2d_weight(layer: nn.Module) -> torch.Tensor:
-    return layer.weight[:, :, 0, 0]  # a view, whatever the strides (flatten would copy a re-laid-out weight)
-
-
-def _linear_param(matrix: torch.Tensor) -> torch.Tensor:
-    return matrix
-
-
-def _conv1d_param(matrix: torch.Tensor) -> torch.Tensor:
-    return matrix.t()
-
-
-def _conv2d_param(matrix: torch.Tensor) -> torch.Tensor:
-    return matrix[:, :, None, None]
-
-
-def _always_fits(_layer: nn.Module) -> str | None:
-    return None
-
-
-def _conv2d_unfit(layer: nn.Module) -> str | None:
-    pointwise = tuple(layer.kernel_size) == (1, 1) and tuple(layer.stride) == (1, 1) and layer.groups == 1 \
-        and layer.padding in ((0, 0), "valid")
-    if pointwise:
-        return None
-    kernel = "x".join(map(str, layer.kernel_size))
-    return (f"a {kernel} Conv2d (stride {tuple(layer.stride)}, padding {layer.padding}, groups {layer.groups}), an "
-            "unsupported layer type: only 1x1 Conv2d projections (stride 1, no padding, groups 1) are supported")
-
-
-@dataclass(frozen=True)
-class LayerKind:
-    """How to read one kind of projection layer as an (out, in) matrix, nn.Linear's convention.
-
-    ``feature_dim`` is where the layer's input and output hold their features (-1, or 1 for NCHW maps);
-    ``weight(layer)`` is an (out, in) view of its weight; ``as_param(matrix)`` is an (out, in) matrix shaped as the
-    layer stores its weight (views both ways, so a re-laid-out weight stays a view); ``unfit(layer)`` says why
-    an instance cannot be read so (a 3x3 Conv2d), None when it can.
-    """
-
-    name: str
-    feature_dim: int
-    weight: Callable[[nn.Module], torch.Tensor]
-    as_param: Callable[[torch.Tensor], torch.Tensor]
-    unfit: Callable[[nn.Module], str | None] = _always_fits
-
-
-_LINEAR = LayerKind("Linear", -1, _linear_weight, _linear_param)
-_CONV1D = LayerKind("Conv1D", -1, _conv1d_weight, _conv1d_param)
-_CONV2D = LayerKind("Conv2d", 1, _conv2d_weight, _conv2d_param, _conv2d_unfit)
-# layer class name (or that of a base class) -> its kind; the sparse replacements of inference.py read as the
-# layer they replace
-_LAYER_KINDS: dict[str, LayerKind] = {"Linear": _LINEAR, "Conv1D": _CONV1D, "SparseInputConv1D": _CONV1D,
-                                      "Conv2d": _CONV2D}
-_SUPPORTED_LAYERS = "nn.Linear, transformers' Conv1D (GPT-2) or a 1x1 nn.Conv2d"
-
-
-def layer_kind(layer: nn.Module) -> LayerKind | None:
-    """The `LayerKind` of ``layer``'s class or of its nearest listed base class (FalconLinear is a Linear)."""
-    for cls in type(layer).__mro__:
-        kind = _LAYER_KINDS.get(cls.__name__)
-        if kind is not None:
-            return kind
-    return None
-
-
 def _projection_error(layer: object, where: str) -> str | None:
     """Why ``layer`` cannot serve as an FFN projection, naming its type; None if it can."""
     kind = layer_kind(layer) if isinstance(layer, nn.Module) else None
     if kind is None:
-        return (f"{where} is a {type(layer).__name__}, expected {_SUPPORTED_LAYERS} "
+        return (f"{where} is a {type(layer).__name__}, expected {SUPPORTED_LAYERS} "
                 f"({type(layer).__name__} is not a layer type the sparsity tools support)")
     reason = kind.unfit(layer)
     return None if reason is None else f"{where} is {reason}"

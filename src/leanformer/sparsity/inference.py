@@ -193,6 +193,8 @@ class SparseInputConv1D(_SparseInput, nn.Module):
     """The down projection of a GPT-2 FFN (transformers' Conv1D, weight (in, out): already neuron-major),
     skipping the input units that are zero for every token of the call."""
 
+    projection_kind = "Conv1D"  # read as the layer it replaces
+
     def __init__(self, conv: nn.Module, max_active: float = 1.0):
         nn.Module.__init__(self)
         self.nx, self.nf = conv.weight.shape
