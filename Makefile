@@ -36,6 +36,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/minilm_relufy.py
 	$(PY) benchmarks/sparse_inference.py
 	$(PY) benchmarks/smora.py
+	$(PY) benchmarks/compatibility.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
