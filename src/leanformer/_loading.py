@@ -6,7 +6,11 @@ Never a traceback from deep inside torch or transformers, and never the advice t
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import os
 import pickle
+import shutil
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -59,3 +63,65 @@ def read_safetensors(path: str | PathLike, what: str = "") -> tuple[dict[str, to
             return {key: f.get_tensor(key) for key in f.keys()}, metadata  # noqa: SIM118 (not iterable)
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{what}{path} is not a readable safetensors file: {err}") from err
+
+
+CACHE_ENV = "LEANFORMER_CACHE"  # where converted models are kept; default ~/.cache/leanformer
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "leanformer")
+
+
+def causal_lm_folder(path: str | PathLike, cache_dir: str | PathLike | None = None) -> Path:
+    """A Hugging Face folder for the causal LM at ``path``: the folder itself, or, for a GGUF file (llama.cpp's
+    format), the folder converted from it: dequantized to fp32 weights in safetensors with its tokenizer, made
+    on first use under ``cache_dir`` (default ``$LEANFORMER_CACHE`` or ~/.cache/leanformer) and found again by
+    the file's sha256, so that later loads take seconds instead of a dequantization. Nothing is downloaded."""
+    path = Path(path)
+    if path.is_dir():
+        return path
+    if not path.is_file():
+        raise ValueError(f"--model {path}: no such file or folder")
+    if path.suffix.lower() != ".gguf":
+        raise ValueError(f"--model {path}: expected a Hugging Face model folder or a .gguf file")
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    folder = Path(cache_dir or cache_root()) / "gguf" / f"{path.stem}-{digest.hexdigest()[:16]}"
+    if not (folder / "config.json").is_file():
+        _convert_gguf(path, folder)
+    return folder
+
+
+def _convert_gguf(path: Path, folder: Path) -> None:
+    """Dequantize ``path`` with transformers' GGUF reader and save it as a plain folder, atomically: a model
+    loaded from GGUF refuses ``save_pretrained`` (it is marked quantized), the same class built from its config
+    without ``quantization_config`` takes its weights and saves as any model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        quantized = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                         local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    except ImportError as err:
+        raise ValueError(f"{path}: reading GGUF files needs the gguf package (pip install gguf)") from err
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise ValueError(f"{path}: not a GGUF model transformers can read ({first_line(err)})") from err
+    config = copy.deepcopy(quantized.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = type(quantized)(config)
+    plain.load_state_dict(quantized.state_dict())
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = folder.parent / f".{folder.name}.{os.getpid()}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, folder)  # another process may have finished first: its folder is as good
+    except OSError:
+        if not (folder / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -19,16 +19,17 @@ import torch.nn as nn
 from ..data import load_tokenizer
 from ..sparsity import load_pretrained, relufy
 from ..sparsity.pretrained import CONFIG_KEY
-from .sparsify import check_causal_lm_folder, hf_progress_bars, load_causal_lm
+from .sparsify import causal_lm_folder_of, check_causal_lm_folder, hf_progress_bars, load_causal_lm
 
 SPARSITY_FILE = "sparsity.json"
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """--model and --threshold, the same in every command that loads a sparsified causal LM."""
-    parser.add_argument("--model", type=Path, required=True, metavar="DIR",
+    parser.add_argument("--model", type=Path, required=True, metavar="DIR|GGUF",
                         help="Hugging Face causal LM folder (save_pretrained layout), e.g. written by "
-                        "`leanformer sparsify`")
+                        "`leanformer sparsify`, or a GGUF file (llama.cpp's format: dequantized to fp32 once, then "
+                        "cached in $LEANFORMER_CACHE, default ~/.cache/leanformer)")
     parser.add_argument("--threshold", type=float, default=None,
                         help=f"FATReLU threshold applied to the ReLU model (default: the one `leanformer sparsify` "
                         f"recorded in DIR/{SPARSITY_FILE}; without that file, ReLU as loaded)")
@@ -69,6 +70,12 @@ def check_model_folder(folder: Path) -> None:
     if not folder.is_dir():
         raise ValueError(f"--model {folder}: no such folder")
     check_causal_lm_folder(folder)
+
+
+def model_folder(args: argparse.Namespace) -> Path:
+    """``args.model`` as a causal LM folder (a GGUF file converted once, then cached), replacing it in ``args``."""
+    args.model = causal_lm_folder_of(args.model, not getattr(args, "no_progress", False))
+    return args.model
 
 
 def load_sparsified_lm(folder: Path, threshold: float | None, progress: bool, relu_needed_by: str | None = None

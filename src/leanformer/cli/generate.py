@@ -18,7 +18,7 @@ from ..data import decode_tokens, encode_text
 from ..sparsity import Predictors, inference_report, sparsify_for_inference
 from ..sparsity.kernels import backend
 from ..sparsity.predictor import FILE_NAME as PREDICTORS_FILE
-from ._causal_lm import add_model_options, check_model_folder, load_sparsified_lm
+from ._causal_lm import add_model_options, load_sparsified_lm, model_folder
 from ._options import check_positive
 from .sparsify import check_vocab
 
@@ -143,8 +143,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--predictors is used by --sparse predictor only (--sparse is {args.sparse})")
     progress = not args.no_progress
     predictors = None
+    model_folder(args)  # the folder first (a GGUF file converted): it also decides where predictors are looked for
     if args.sparse == "predictor":
-        check_model_folder(args.model)  # the folder first: it also decides where the predictors file is looked for
         path = args.predictors or args.model
         path = path / PREDICTORS_FILE if path.is_dir() else path
         if not path.is_file():

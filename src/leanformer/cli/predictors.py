@@ -16,7 +16,7 @@ from .._runfolder import claim_run_folder
 from ..data import lm_batches, lm_eval_batches, load_text
 from ..sparsity import PredictorConfig, PredictorReport, evaluate_predictors, train_predictors
 from ..sparsity.predictor import FILE_NAME as PREDICTORS_FILE
-from ._causal_lm import add_model_options, load_sparsified_lm
+from ._causal_lm import add_model_options, load_sparsified_lm, model_folder
 from ._options import add_config_options, check_positive, given_options
 from .sparsify import check_vocab
 
@@ -79,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     config = PredictorConfig(**given_options(args, OPTIONS))
     check_positive(("--batches", args.batches), ("--seq-len", args.seq_len), ("--batch-size", args.windows))
     progress = not args.no_progress
+    model_folder(args)
     out = args.out or args.model
     check_writable_dir(out, "--out" if args.out else "--model", files=(PREDICTORS_FILE, REPORT_FILE))
     lm = load_sparsified_lm(args.model, args.threshold, progress,

@@ -14,7 +14,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from .._io import check_writable_dir, dumps_json, write_files_atomic, write_json_atomic
-from .._loading import hf_from_pretrained
+from .._loading import causal_lm_folder, hf_from_pretrained
 from .._runfolder import claim_run_folder
 from ..data import lm_batches, lm_eval_batches, load_data, load_text, load_tokenizer
 from ..models import create_model, is_model
@@ -130,6 +130,18 @@ def hf_progress_bars(enabled: bool) -> Iterator[None]:
         (hf_logging.enable_progress_bar if were_enabled else hf_logging.disable_progress_bar)()
 
 
+def causal_lm_folder_of(path: Path, progress: bool) -> Path:
+    """The Hugging Face folder of ``--model``: the folder, or the cached conversion of a GGUF file (made on first
+    use, with transformers' progress bars when ``progress``); checked to be a causal LM before any slower work."""
+    if path.is_file():
+        with hf_progress_bars(progress):
+            path = causal_lm_folder(path)
+    elif not path.is_dir():
+        raise ValueError(f"--model {path}: no such folder or GGUF file")
+    check_causal_lm_folder(path)
+    return path
+
+
 def load_causal_lm(folder: Path) -> nn.Module:
     """A Hugging Face causal LM from a local folder (nothing is downloaded); a missing, damaged (truncated
     safetensors) or hostile (a pickle carrying code) weights file is one ValueError naming the folder."""
@@ -182,10 +194,10 @@ def run(args: argparse.Namespace) -> int:
         source, tokenizer = data.source, None
     else:
         folder = Path(args.model)
-        if not folder.is_dir():
+        if not folder.exists():
             raise ValueError(f"--model {args.model!r}: not a registered backbone (see `leanformer models`) and no "
-                             "such folder")
-        check_causal_lm_folder(folder)
+                             "such folder or GGUF file")
+        folder = causal_lm_folder_of(folder, not args.no_progress)
         for flag, value in (("--checkpoint", args.checkpoint), ("--img-size", args.img_size)):
             if value is not None:
                 raise ValueError(f"{flag} applies to registered backbones only, not to a Hugging Face folder")
