@@ -92,7 +92,14 @@ def test_a_gguf_file_becomes_a_cached_folder_with_the_same_model(tiny_gguf, tmp_
         raise AssertionError("converted again")
 
     monkeypatch.setattr(_loading, "_convert_gguf", no_second_conversion)
-    assert causal_lm_folder(tiny_gguf, tmp_path / "cache") == folder  # found by the file's digest
+    monkeypatch.setattr(_loading, "sha256_of", no_second_conversion)
+    assert causal_lm_folder(tiny_gguf, tmp_path / "cache") == folder  # found by path, size and time: not even hashed
+    monkeypatch.undo()
+    monkeypatch.setattr(_loading, "_convert_gguf", no_second_conversion)
+    copy = tmp_path / "elsewhere" / "tiny.gguf"
+    copy.parent.mkdir()
+    copy.write_bytes(tiny_gguf.read_bytes())
+    assert causal_lm_folder(copy, tmp_path / "cache") == folder  # the same bytes elsewhere: found by the digest
 
 
 def test_another_file_gets_its_own_folder(tiny_gguf, tmp_path):

@@ -7,7 +7,8 @@ Never a traceback from deep inside torch or transformers, and never the advice t
 from __future__ import annotations
 
 import copy
-import hashlib
+import glob
+import json
 import os
 import pickle
 import shutil
@@ -17,6 +18,8 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
+
+from ._io import sha256_of, write_json_atomic
 
 
 def first_line(err: BaseException) -> str:
@@ -75,8 +78,9 @@ def cache_root() -> Path:
 def causal_lm_folder(path: str | PathLike, cache_dir: str | PathLike | None = None) -> Path:
     """A Hugging Face folder for the causal LM at ``path``: the folder itself, or, for a GGUF file (llama.cpp's
     format), the folder converted from it: dequantized to fp32 weights in safetensors with its tokenizer, made
-    on first use under ``cache_dir`` (default ``$LEANFORMER_CACHE`` or ~/.cache/leanformer) and found again by
-    the file's sha256, so that later loads take seconds instead of a dequantization. Nothing is downloaded."""
+    on first use under ``cache_dir`` (default ``$LEANFORMER_CACHE`` or ~/.cache/leanformer), named by the file's
+    sha256 and found again by its path, size and modification time, so that later loads take seconds instead of
+    a dequantization. Nothing is downloaded."""
     path = Path(path)
     if path.is_dir():
         return path
@@ -84,14 +88,40 @@ def causal_lm_folder(path: str | PathLike, cache_dir: str | PathLike | None = No
         raise ValueError(f"--model {path}: no such file or folder")
     if path.suffix.lower() != ".gguf":
         raise ValueError(f"--model {path}: expected a Hugging Face model folder or a .gguf file")
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    folder = Path(cache_dir or cache_root()) / "gguf" / f"{path.stem}-{digest.hexdigest()[:16]}"
+    root = Path(cache_dir or cache_root()) / "gguf"
+    known = _converted_before(root, path)
+    if known is not None:
+        return known
+    folder = root / f"{path.stem}-{sha256_of(path)[:16]}"
     if not (folder / "config.json").is_file():
         _convert_gguf(path, folder)
+    _write_stamp(folder, path)
     return folder
+
+
+_STAMP = "leanformer-source.json"  # in a converted folder: the file it came from, so a reload need not hash it
+
+
+def _file_stat(path: Path) -> dict:
+    stat = path.stat()
+    return {"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _converted_before(root: Path, path: Path) -> Path | None:
+    """The folder converted from this very file (same path, size and modification time), found without reading
+    the file: hashing a multi-GB GGUF on every load would cost seconds."""
+    here = _file_stat(path)
+    for stamp in root.glob(f"{glob.escape(path.stem)}-*/{_STAMP}"):
+        try:
+            if json.loads(stamp.read_text()) == here and (stamp.parent / "config.json").is_file():
+                return stamp.parent
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _write_stamp(folder: Path, path: Path) -> None:
+    write_json_atomic(folder / _STAMP, _file_stat(path))
 
 
 def _convert_gguf(path: Path, folder: Path) -> None:
