@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch.nn as nn
 
+from .._checks import check_real
 from ..data import load_tokenizer
 from ..sparsity import load_pretrained, relufy
 from ..sparsity.pretrained import CONFIG_KEY
@@ -45,9 +45,7 @@ class CausalLM:
 
 
 def _check_threshold(value: object, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{where}={value!r}: expected a finite number >= 0")
-    return float(value)
+    return float(check_real(where, value, 0))
 
 
 def recorded_threshold(folder: Path) -> float | None:

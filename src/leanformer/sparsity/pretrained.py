@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
+from .._checks import check_int, check_real
 from .._io import atomic_write, write_files_atomic
 from .._loading import first_line, hf_from_pretrained, read_safetensors
 from ..models._checkpoint import TRANSFORMS_METADATA_KEY, check_state_dict
@@ -194,13 +194,10 @@ def _check_record(record: object, source: str) -> dict[str, dict]:
         where = f"{source}: activations[{path!r}]"
         if not isinstance(entry, dict) or entry.get("act") not in ("relu", "fatrelu", "model"):
             raise ValueError(f"{where}: expected an object with act 'relu', 'fatrelu' or 'model'")
-        threshold = entry.get("threshold")
-        if entry["act"] == "fatrelu" and (not isinstance(threshold, (int, float)) or isinstance(threshold, bool)
-                                          or not math.isfinite(threshold) or threshold < 0):
-            raise ValueError(f"{where}.threshold={threshold!r}: expected a finite number >= 0")
-        topk = entry.get("topk")
-        if "topk" in entry and (not isinstance(topk, int) or isinstance(topk, bool) or topk < 1):
-            raise ValueError(f"{where}.topk={topk!r}: expected an integer >= 1")
+        if entry["act"] == "fatrelu":
+            check_real(f"{where}.threshold", entry.get("threshold"), 0)
+        if "topk" in entry:
+            check_int(f"{where}.topk", entry["topk"], 1)
         dim = entry.get("topk_dim", -1)
         if not isinstance(dim, int) or isinstance(dim, bool):
             raise ValueError(f"{where}.topk_dim={dim!r}: expected an integer")
