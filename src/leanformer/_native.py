@@ -18,6 +18,7 @@ from types import ModuleType
 _SOURCES = {
     "quantize": Path(__file__).parent / "memory" / "csrc" / "quantize.cpp",
     "sparse_ffn": Path(__file__).parent / "sparsity" / "csrc" / "sparse_ffn.cpp",
+    "decode": Path(__file__).parent / "sparsity" / "csrc" / "decode.cpp",
 }
 
 

@@ -1,7 +1,9 @@
 """Activation sparsity: find FFNs, measure their sparsity (Lazy Neuron), create it (ProSparse end to end),
-and turn it into faster inference (exact sparse FFNs, predictor-selected units)."""
+turn it into faster inference (exact sparse FFNs, predictor-selected units), set it without training (TEAL/CATS
+thresholds), and decode LLaMA-family LMs at the memory-bandwidth limit, dense or sparse (`fast_decoder`)."""
 
 from .activations import FATReLU, TopK, apply_topk, relufy
+from .decode import DecodeConfig, FastDecoder, fast_decoder
 from .ffn import FFN, FFN_SPECS, FFNSpec, find_ffns, structural_spec
 from .inference import (
     INFERENCE_MODES,
@@ -26,6 +28,7 @@ from .predictor import (
 from .pretrained import load_pretrained, save_pretrained
 from .prosparse import ProSparseConfig, ProSparseResult, prosparse
 from .regularize import PROSPARSE_7B, PROSPARSE_13B, ProSparseSchedule, SparsityRegularizer
+from .thresholds import InputSparseLinear, MagnitudeThreshold, ThresholdConfig, ThresholdReport, calibrate_thresholds
 
 __all__ = [
     "FFN",
@@ -33,10 +36,14 @@ __all__ = [
     "INFERENCE_MODES",
     "PROSPARSE_13B",
     "PROSPARSE_7B",
+    "DecodeConfig",
     "FATReLU",
     "FFNSpec",
+    "FastDecoder",
+    "InputSparseLinear",
     "LayerSparsity",
     "LowRankPredictor",
+    "MagnitudeThreshold",
     "PredictorConfig",
     "PredictorReport",
     "Predictors",
@@ -49,10 +56,14 @@ __all__ = [
     "SparseInputLinear",
     "SparsityRegularizer",
     "SparsityReport",
+    "ThresholdConfig",
+    "ThresholdReport",
     "TopK",
     "apply_topk",
+    "calibrate_thresholds",
     "calibrate_max_active",
     "evaluate_predictors",
+    "fast_decoder",
     "find_ffns",
     "inference_report",
     "load_pretrained",

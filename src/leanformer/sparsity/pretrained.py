@@ -35,11 +35,15 @@ from .._loading import first_line, hf_from_pretrained, read_safetensors
 from ..models._checkpoint import TRANSFORMS_METADATA_KEY, check_state_dict
 from .activations import FATReLU, is_topk_wrapped, topk_wrapped
 from .ffn import FFNSpec, find_ffns
+from .thresholds import input_threshold_record, is_thresholded, set_input_threshold, thresholded
 
 __all__ = ["activation_record", "load_pretrained", "save_pretrained", "sync_hf_config"]
 
 RECORD_FORMAT = "leanformer.ffn-activations"
 RECORD_VERSION = 1
+# version 2 adds what a version-1 reader would silently drop: TEAL input thresholds ("inputs") and CATS
+# thresholds after the model's own activation ("magnitude_threshold"); files without them stay version 1
+RECORD_VERSIONS = (1, 2)
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_KEY = "leanformer"  # the attribute of a Hugging Face config (and key of its config.json) with the record
 # config fields transformers builds FFN activations from; the value a ReLU FFN needs in each
@@ -75,10 +79,11 @@ def sync_hf_config(model: nn.Module, specs: Iterable[FFNSpec] | None = None) -> 
     if config is None or not hasattr(model, "save_pretrained"):
         return
     record = activation_record(model, specs)
+    inputs = input_threshold_record(model)
     previous = getattr(config, CONFIG_KEY, None)
     original = previous["original"] if isinstance(previous, dict) and "original" in previous else \
         {field: getattr(config, field) for field in _ACTIVATION_FIELDS if hasattr(config, field)}
-    if not record:
+    if not record and not inputs:
         for field, value in original.items():
             setattr(config, field, value)
         if hasattr(config, CONFIG_KEY):
@@ -89,14 +94,24 @@ def sync_hf_config(model: nn.Module, specs: Iterable[FFNSpec] | None = None) -> 
                       "plain from_pretrained of a saved copy cannot be made to refuse; reload it with "
                       "leanformer.load_pretrained", stacklevel=3)
     relu_fields = {field: _ACTIVATION_FIELDS[field](config) for field in original}
-    reloads_plainly = all(entry == {"act": "relu"} for entry in record.values()) and \
+    reloads_plainly = not inputs and all(entry == {"act": "relu"} for entry in record.values()) and \
         _plain_build_matches(model, relu_fields, record)
-    kinds = sorted({entry["act"] if "topk" not in entry else "topk" for entry in record.values()})
+    kinds = sorted({_kind(entry) for entry in record.values()} | ({"teal"} if inputs else set()))
     marker = f"{'+'.join(kinds)} FFNs set by leanformer: load with leanformer.load_pretrained"
     for field in original:
         setattr(config, field, relu_fields[field] if reloads_plainly else marker)
-    setattr(config, CONFIG_KEY, {"format": RECORD_FORMAT, "version": RECORD_VERSION, "original": original,
-                                 "plain_reload": reloads_plainly, "activations": record})
+    setattr(config, CONFIG_KEY, {**_record(record, inputs), "original": original, "plain_reload": reloads_plainly})
+
+
+def _kind(entry: dict) -> str:
+    return "topk" if "topk" in entry else "cats" if "magnitude_threshold" in entry else entry["act"]
+
+
+def _record(activations: dict, inputs: dict) -> dict:
+    """The record of a model's activations and input thresholds, version 2 only when it needs it."""
+    newer = bool(inputs) or any("magnitude_threshold" in entry for entry in activations.values())
+    record = {"format": RECORD_FORMAT, "version": 2 if newer else RECORD_VERSION, "activations": activations}
+    return {**record, "inputs": inputs} if inputs else record
 
 
 def save_pretrained(model: nn.Module, directory: str | Path, specs: Iterable[FFNSpec] | None = None) -> Path:
@@ -110,7 +125,7 @@ def save_pretrained(model: nn.Module, directory: str | Path, specs: Iterable[FFN
         sync_hf_config(model, specs)
         write_files_atomic(directory, model.save_pretrained)
         return directory
-    record = {"format": RECORD_FORMAT, "version": RECORD_VERSION, "activations": activation_record(model, specs)}
+    record = _record(activation_record(model, specs), input_threshold_record(model))
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}  # no shared storage
     metadata = {TRANSFORMS_METADATA_KEY: json.dumps(record), "format": "pt"}
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata=metadata))
@@ -141,6 +156,8 @@ def _describe(act: nn.Module) -> dict:
         topk, act, entry["topk"] = act[1], act[0], act[1].k
         if topk.dim != -1:  # an NCHW FFN (1x1 Conv2d): its features are dimension 1
             entry["topk_dim"] = topk.dim
+    if is_thresholded(act):
+        act, entry["magnitude_threshold"] = act[0], act[1].threshold
     if isinstance(act, FATReLU) and act.threshold > 0:  # FATReLU(0) is ReLU in value: saved as ReLU
         return {"act": "fatrelu", "threshold": act.threshold, **entry}
     if isinstance(act, FATReLU):
@@ -150,7 +167,10 @@ def _describe(act: nn.Module) -> dict:
 
 def _rebuild(current: nn.Module, entry: dict) -> nn.Module:
     own = current[0] if is_topk_wrapped(current) else current
+    own = own[0] if is_thresholded(own) else own
     act = {"relu": nn.ReLU, "fatrelu": lambda: FATReLU(entry["threshold"]), "model": lambda: own}[entry["act"]]()
+    if "magnitude_threshold" in entry:
+        act = thresholded(act, entry["magnitude_threshold"])
     return topk_wrapped(act, entry["topk"], entry.get("topk_dim", -1)) if "topk" in entry else act
 
 
@@ -180,13 +200,13 @@ def _plain_build_matches(model: nn.Module, fields: dict[str, str], relu_paths: I
     return True
 
 
-def _check_record(record: object, source: str) -> dict[str, dict]:
-    """The activations of a record read from ``source``, validated field by field."""
+def _check_record(record: object, source: str) -> tuple[dict[str, dict], dict[str, float]]:
+    """The activations and input thresholds of a record read from ``source``, validated field by field."""
     if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
         raise ValueError(f"{source}: not a leanformer activation record (expected format {RECORD_FORMAT!r})")
-    if record.get("version") != RECORD_VERSION:
+    if record.get("version") not in RECORD_VERSIONS:
         raise ValueError(f"{source}: record version {record.get('version')!r} is not supported "
-                         f"(expected {RECORD_VERSION})")
+                         f"(expected one of {', '.join(map(str, RECORD_VERSIONS))})")
     activations = record.get("activations")
     if not isinstance(activations, dict):
         raise ValueError(f"{source}: 'activations' must be an object of module path -> activation")
@@ -201,7 +221,22 @@ def _check_record(record: object, source: str) -> dict[str, dict]:
         dim = entry.get("topk_dim", -1)
         if not isinstance(dim, int) or isinstance(dim, bool):
             raise ValueError(f"{where}.topk_dim={dim!r}: expected an integer")
-    return activations
+        if "magnitude_threshold" in entry:
+            check_real(f"{where}.magnitude_threshold", entry["magnitude_threshold"], 0)
+    inputs = record.get("inputs", {})
+    if not isinstance(inputs, dict):
+        raise ValueError(f"{source}: 'inputs' must be an object of Linear path -> input threshold")
+    for path, threshold in inputs.items():
+        check_real(f"{source}: inputs[{path!r}]", threshold, 0)
+    return activations, inputs
+
+
+def _apply_inputs(model: nn.Module, inputs: dict[str, float], source: str) -> None:
+    for path, threshold in inputs.items():
+        try:
+            set_input_threshold(model, path, threshold)
+        except (AttributeError, ValueError) as err:
+            raise ValueError(f"{source}: cannot set the recorded input threshold on {path!r} ({err})") from err
 
 
 def _apply(model: nn.Module, activations: dict[str, dict], source: str) -> None:
@@ -227,7 +262,7 @@ def _load_hf(directory: Path) -> nn.Module:
     if not isinstance(values, dict) or not isinstance(values.get("model_type"), str):
         raise ValueError(f"{config_path}: expected a Hugging Face config with a 'model_type'")
     record = values.get(CONFIG_KEY)
-    activations = _check_record(record, f"{config_path}: {CONFIG_KEY}") if record is not None else {}
+    activations, inputs = _check_record(record, f"{config_path}: {CONFIG_KEY}") if record is not None else ({}, {})
     if record is not None:
         original = record.get("original")
         if not isinstance(original, dict):
@@ -243,6 +278,7 @@ def _load_hf(directory: Path) -> nn.Module:
         raise ValueError(f"{config_path}: not a config transformers can build ({first_line(err)})") from err
     model = hf_from_pretrained(cls, directory, config=config)
     _apply(model, activations, str(config_path))
+    _apply_inputs(model, inputs, str(config_path))
     sync_hf_config(model)  # the config again says what a plain reload of a copy would need
     return model
 
@@ -255,8 +291,9 @@ def _load_module(path: Path, model: nn.Module) -> nn.Module:
         record = json.loads(metadata.get(TRANSFORMS_METADATA_KEY, ""))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: metadata {TRANSFORMS_METADATA_KEY!r} is missing or not JSON") from err
-    activations = _check_record(record, f"{path}: metadata {TRANSFORMS_METADATA_KEY}")
+    activations, inputs = _check_record(record, f"{path}: metadata {TRANSFORMS_METADATA_KEY}")
     _apply(model, activations, str(path))
+    _apply_inputs(model, inputs, str(path))
     check_state_dict(model, state, repr(str(path)))
     model.load_state_dict(state)
     return model
