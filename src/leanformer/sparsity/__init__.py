@@ -28,7 +28,14 @@ from .predictor import (
 from .pretrained import load_pretrained, save_pretrained
 from .prosparse import ProSparseConfig, ProSparseResult, prosparse
 from .regularize import PROSPARSE_7B, PROSPARSE_13B, ProSparseSchedule, SparsityRegularizer
-from .thresholds import InputSparseLinear, MagnitudeThreshold, ThresholdConfig, ThresholdReport, calibrate_thresholds
+from .thresholds import (
+    InputSparseLinear,
+    MagnitudeThreshold,
+    ThresholdConfig,
+    ThresholdReport,
+    calibrate_thresholds,
+    threshold_sparsity,
+)
 
 __all__ = [
     "FFN",
@@ -74,5 +81,6 @@ __all__ = [
     "save_pretrained",
     "sparsify_for_inference",
     "structural_spec",
+    "threshold_sparsity",
     "train_predictors",
 ]

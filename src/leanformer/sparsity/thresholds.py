@@ -19,8 +19,9 @@ greedy allocation it needs no retraining; unlike it, the costs are the model's l
 across layers, not only within a block. (An empirical-Fisher estimate of the same costs, one backward pass
 instead of the probes, was tried and allocated worse than uniform on SmolLM2-135M.)
 
-Thresholds are quantiles of the calibration magnitudes; the sparsity reached on other text differs a little (the
-report gives the calibration figure). `save_pretrained`/`load_pretrained` keep them; `fast_decoder` runs them.
+Thresholds are quantiles of magnitudes measured on the dense model; once upstream layers are thresholded too, and on
+other text, the zeroed fractions differ a little: `threshold_sparsity` measures them. `save_pretrained` /
+`load_pretrained` keep the thresholds; `fast_decoder` runs them, skipping the weights of the zeroed entries.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from .ffn import find_ffns
 
 __all__ = ["ALLOCATIONS", "METHODS", "InputSparseLinear", "MagnitudeThreshold", "ThresholdConfig",
            "ThresholdReport", "calibrate_thresholds", "input_threshold_record", "set_input_threshold",
-           "thresholded"]
+           "threshold_sparsity", "thresholded"]
 
 METHODS = ("teal", "cats")
 ALLOCATIONS = ("greedy", "uniform")
@@ -379,3 +380,38 @@ def calibrate_thresholds(model: nn.Module, batches: Iterable, config: ThresholdC
                            loss_sparse, {k: {"members": g.members, "sparsity": choice[k][0],
                                              "threshold": choice[k][1], "weights": g.weights}
                                          for k, g in groups.items()})
+
+
+def threshold_sparsity(model: nn.Module, batches: Iterable) -> dict:
+    """Measured on ``batches``: per thresholded module (each `InputSparseLinear`; each CATS activation) the fraction
+    of entries it zeroes, and ``model_wide``, the fraction of the blocks' Linear weight reads they skip (TEAL: a
+    zeroed input skips its column of the weight; CATS: a zeroed unit skips its rows of up and down)."""
+    skipped_by = {name: m.weight.numel() for name, m in model.named_modules() if isinstance(m, InputSparseLinear)}
+    names = {id(module): name for name, module in model.named_modules()}
+    for ffn in find_ffns(model):
+        parent = names[id(ffn.act_parent)]
+        path = f"{parent}.{ffn.act_attr}" if parent else ffn.act_attr
+        if is_thresholded(getattr(ffn.act_parent, ffn.act_attr)):
+            skipped_by[path] = sum(m.weight.numel() for m in [ffn.down] + ([ffn.up] if ffn.gate is not None else []))
+    counts = {name: [0, 0] for name in skipped_by}
+
+    def count(name: str, tensor: torch.Tensor, threshold: float) -> None:
+        counts[name][0] += int((tensor.abs() <= threshold).sum())
+        counts[name][1] += tensor.numel()
+
+    handles = []
+    for name in skipped_by:
+        module = model.get_submodule(name)
+        counted = module if isinstance(module, InputSparseLinear) else module[1]  # the Linear, or the CATS threshold
+        handles.append(counted.register_forward_pre_hook(lambda m, args, name=name: count(name, args[0], m.threshold)))
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                split_batch(batch).run(model)
+    finally:
+        for h in handles:
+            h.remove()
+    fractions = {name: zero / total if total else 0.0 for name, (zero, total) in counts.items()}
+    block_weights = sum(m.weight.numel() for m in _block_linears(model).values())
+    skipped = sum(fractions[name] * weights for name, weights in skipped_by.items())
+    return {"modules": fractions, "model_wide": skipped / block_weights if block_weights else 0.0}
