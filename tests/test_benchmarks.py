@@ -107,3 +107,13 @@ def test_smora_benchmark_quick(tmp_path):
     assert set(result["summary"]["smora_r64_k8"]["accuracy"]) == {"sst2", "agnews", "trec", "cola"}
     assert result["step_time"]["lora_r64"]["vs_lora_r64"] == 1.0
     assert (tmp_path / "smora.png").stat().st_size > 0
+
+
+def test_llm_decode_benchmark_quick(tmp_path):
+    from benchmarks import llm_decode
+
+    result = llm_decode.main(["--quick", "--out", str(tmp_path)])
+    variants = result["variants"]
+    assert variants["leanformer_dense_rows"]["identical_to_hf"] and variants["leanformer_dense_cols"]["identical_to_hf"]
+    assert all(v["identical_to_thresholded_hf"] for n, v in variants.items() if "_teal_" in n or "_cats_" in n)
+    assert list(tmp_path.glob("*.json")) and list(tmp_path.glob("*.png"))

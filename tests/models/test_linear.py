@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,7 @@ def forward_backward(fn, x, layer, upstream):
 @pytest.mark.parametrize("bias", [True, False])
 def test_fast_path_equals_reference(shape, bias):
     layer = Linear(16, 24, bias=bias)
+    layer.fast_path = True  # the oneDNN path whatever this machine measures
     x = torch.randn(shape)
     upstream = torch.randn(*shape[:-1], 24)
     out, grads, grad_fn = forward_backward(layer, x, layer, upstream)
@@ -52,3 +55,26 @@ def test_is_an_nn_linear_with_the_same_state_dict():
     plain.load_state_dict(layer.state_dict())
     x = torch.randn(2, 3)
     assert torch.allclose(plain(x), layer(x), atol=1e-6)
+
+
+def test_auto_measures_each_shape_once_and_follows_the_measurement(tmp_path, monkeypatch):
+
+    monkeypatch.setenv("LEANFORMER_CACHE", str(tmp_path))
+    layer = Linear(16, 24)
+    x = torch.randn(3, 16, requires_grad=True)
+    layer(x)
+    cached = json.loads(next((tmp_path / "tuning").glob("*.json")).read_text())["choices"]["linear_onednn"]["16x24"]
+    assert cached["choice"] in ("onednn", "blas") and set(cached["seconds"]) == {"onednn", "blas"}
+    # the cached choice decides, and a new layer of the shape does not measure again
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr("leanformer._timing.time_interleaved", no_measuring)
+    path = next((tmp_path / "tuning").glob("*.json"))
+    for choice, nodes in (("blas", ("AddmmBackward0",)), ("onednn", ("OneDNN", "View"))):
+        payload = json.loads(path.read_text())
+        payload["choices"]["linear_onednn"]["16x24"]["choice"] = choice
+        path.write_text(json.dumps(payload))
+        name = type(Linear(16, 24)(x).grad_fn).__name__
+        if _ONEDNN or choice == "blas":
+            assert any(node in name for node in nodes), (choice, name)

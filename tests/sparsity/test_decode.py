@@ -161,6 +161,7 @@ def test_layout_choice_is_measured_once_and_cached(tmp_path, monkeypatch):
         return real(shapes, runs=2)
 
     monkeypatch.setattr(tune, "time_layouts", counted)
+    monkeypatch.setattr(tune, "_KERNELS", "v1")
     first = tune.best_decode_layout(48, 136)
     assert first in ("rows", "cols") and len(calls) == 1
     assert tune.best_decode_layout(48, 136) == first and len(calls) == 1  # reused, not measured again
@@ -168,6 +169,9 @@ def test_layout_choice_is_measured_once_and_cached(tmp_path, monkeypatch):
     _tuning.forget()
     tune.best_decode_layout(48, 136)
     assert len(calls) == 2
+    monkeypatch.setattr(tune, "_KERNELS", "v2")  # other kernels: measured again
+    tune.best_decode_layout(48, 136)
+    assert len(calls) == 3
     current = tune.best_decode_layout(48, 136)
     decoder = fast_decoder(build("llama"), DecodeConfig(max_len=16))  # "auto": the cached choice, not measured
-    assert {entry["qkv"] for entry in decoder.layouts.values()} == {current} and len(calls) == 2
+    assert {entry["qkv"] for entry in decoder.layouts.values()} == {current} and len(calls) == 3

@@ -116,8 +116,12 @@ def _ffn_activations(values: dict, record: object, config_path: Path) -> tuple[b
         hidden_act = values.get("hidden_act")
         return hidden_act == "relu", f"config.hidden_act {hidden_act!r}", f"hidden_act is {hidden_act!r}"
     activations = record.get("activations") if isinstance(record, dict) else None
-    if not isinstance(activations, dict) or not activations:
+    inputs = record.get("inputs") if isinstance(record, dict) else None
+    if not isinstance(activations, dict) or not (activations or inputs):
         raise ValueError(f"{config_path}: {CONFIG_KEY}.activations must be a non-empty object")
+    if not activations:
+        described = f"TEAL input thresholds on {len(inputs)} Linears from config.json"
+        return False, described, described
     entries = list(activations.values())
     relu = all(isinstance(e, dict) and e.get("act") in ("relu", "fatrelu") and "topk" not in e for e in entries)
     kinds = sorted({json.dumps(e, sort_keys=True) for e in entries})

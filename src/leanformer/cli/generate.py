@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from .._io import dumps_json
 from ..data import decode_tokens, encode_text
-from ..sparsity import Predictors, inference_report, sparsify_for_inference
+from ..sparsity import DecodeConfig, Predictors, fast_decoder, inference_report, sparsify_for_inference
 from ..sparsity.kernels import backend
 from ..sparsity.predictor import FILE_NAME as PREDICTORS_FILE
 from ._causal_lm import add_model_options, load_sparsified_lm, model_folder
@@ -23,6 +23,7 @@ from ._options import check_positive
 from .sparsify import check_vocab
 
 SPARSE_MODES = ("exact", "predictor", "off")
+ENGINES = ("auto", "compiled", "hf")
 
 DESCRIPTION = (
     "Greedy decoding (model.generate, do_sample=False) with a Hugging Face causal LM folder whose FFN activation is "
@@ -35,7 +36,11 @@ DESCRIPTION = (
     "without special tokens, or UTF-8 bytes when the folder has none. Prints the text, tokens/s (new tokens over "
     "the wall time of generate, prompt included, after a warm-up forward) and which FFN paths ran (calls per path: "
     "sparse-native, sparse-torch, dense; mean share of hidden units computed); --compare also decodes with the "
-    "dense model and reports its tokens/s, the speedup and whether the tokens are identical."
+    "dense model and reports its tokens/s, the speedup and whether the tokens are identical. --engine compiled "
+    "decodes LLaMA-family models (LLaMA/SmolLM, Mistral, Qwen2/3, Gemma) with leanformer's compiled decoder instead "
+    "of model.generate: every weight streamed once per token, the zero units of ReLU/FATReLU FFNs and the inputs "
+    "zeroed by TEAL/CATS thresholds (`leanformer thresholds`) skipped, same tokens; auto (default) uses it for "
+    "--sparse exact whenever the model is one of those, and says so when it cannot."
 )
 
 
@@ -74,6 +79,9 @@ def add_parser(sub) -> None:
                    help="largest share of hidden units a call may compute sparsely before it runs dense: 'auto' "
                    "measures the crossover per FFN shape on this machine (about a second per shape), or a fraction "
                    "in [0, 1] (default: %(default)s)")
+    p.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="compiled (leanformer's decoder), hf (model.generate with sparse FFN modules) or auto: "
+                   "compiled for --sparse exact when the model allows it (default: %(default)s)")
     p.add_argument("--compare", action="store_true",
                    help="also decode with the dense model: its tokens/s, the speedup, identical tokens")
     p.add_argument("--no-progress", action="store_true", help="no loading or decoding progress bars")
@@ -134,11 +142,37 @@ def decode(model: nn.Module, prompt: torch.Tensor, max_new_tokens: int, desc: st
     return {"tokens": new, "new_tokens": len(new), "seconds": seconds, "tokens_per_s": len(new) / seconds}
 
 
+def compiled_decoder(args: argparse.Namespace, model: nn.Module, max_len: int):
+    """(the compiled decoder for this run, or None for model.generate; why not, for --engine auto, else None)."""
+    if args.engine == "hf" or args.sparse != "exact":
+        return None, None
+    try:
+        return fast_decoder(model, DecodeConfig(max_len=max_len)), None
+    except (ValueError, RuntimeError) as err:
+        if args.engine == "compiled":
+            raise ValueError(f"--engine compiled: {err}") from err
+        return None, str(err)
+
+
+def decode_compiled(decoder, prompt: torch.Tensor, max_new_tokens: int, progress: bool) -> dict:
+    """`decode` with the compiled decoder (stops at the model's end-of-sequence token, as generate does)."""
+    bar = _TokenBar(max_new_tokens, "decode", progress)
+    bar.put(prompt)
+    start = time.perf_counter()
+    new = decoder.generate(prompt, max_new_tokens, streamer=bar)
+    seconds = time.perf_counter() - start
+    bar.end()
+    return {"tokens": new, "new_tokens": len(new), "seconds": seconds, "tokens_per_s": len(new) / seconds}
+
+
 def run(args: argparse.Namespace) -> int:
     check_positive(("--max-new-tokens", args.max_new_tokens))
     max_active = parse_max_active(args.max_active)
     if args.compare and args.sparse == "off":
         raise ValueError("--compare compares sparse with dense decoding: it needs --sparse exact or predictor")
+    if args.engine == "compiled" and args.sparse != "exact":
+        raise ValueError(f"--engine compiled decodes exactly (--sparse exact), not --sparse {args.sparse}: "
+                         "use --engine hf")
     if args.predictors is not None and args.sparse != "predictor":
         raise ValueError(f"--predictors is used by --sparse predictor only (--sparse is {args.sparse})")
     progress = not args.no_progress
@@ -160,18 +194,25 @@ def run(args: argparse.Namespace) -> int:
     with torch.no_grad():
         lm.model(prompt[None])  # warm-up: first-call allocations and kernel selection stay out of the timings
     dense, model = lm.model, lm.model
-    if args.sparse != "off":
-        model = sparsify_for_inference(copy.deepcopy(dense) if args.compare else dense, args.sparse, predictors,
-                                       max_active=max_active)
-        backend(next(model.parameters()).detach())  # loads (or builds) the compiled kernels now, not while timed
-
-    result = decode(model, prompt, max_new_tokens, "decode", progress)
+    decoder, not_compiled = compiled_decoder(args, dense, len(prompt) + max_new_tokens)
+    if decoder is not None:
+        result = decode_compiled(decoder, prompt, max_new_tokens, progress)
+        paths = {"engine": "compiled", "computed_fraction": decoder.timings()["computed_fraction"]}
+    else:
+        if args.sparse != "off":
+            model = sparsify_for_inference(copy.deepcopy(dense) if args.compare else dense, args.sparse, predictors,
+                                           max_active=max_active)
+            backend(next(model.parameters()).detach())  # loads (or builds) the compiled kernels now, not while timed
+        result = decode(model, prompt, max_new_tokens, "decode", progress)
+        paths = None if args.sparse == "off" else {"engine": "hf", **path_summary(model)}
     payload = {"model": str(args.model), "activation": lm.activation, "sparse": args.sparse,
-               "max_active": None if args.sparse == "off" else max_active, "prompt": args.prompt,
+               "engine": "compiled" if decoder is not None else "hf", "engine_note": not_compiled,
+               "max_active": None if args.sparse == "off" or decoder is not None else max_active,
+               "prompt": args.prompt,
                "prompt_tokens": len(prompt), "max_new_tokens": max_new_tokens,
                "text": decode_tokens(torch.cat([prompt, result["tokens"]]), lm.tokenizer),
                **{k: v for k, v in result.items() if k != "tokens"}, "token_ids": result["tokens"].tolist(),
-               "paths": None if args.sparse == "off" else path_summary(model)}
+               "paths": paths}
     if args.compare:
         reference = decode(dense, prompt, max_new_tokens, "dense", progress)
         payload["dense"] = {"new_tokens": reference["new_tokens"], "seconds": reference["seconds"],
@@ -186,12 +227,16 @@ def summarize(args: argparse.Namespace, payload: dict) -> None:
     if args.json:
         print(dumps_json(payload))
         return
-    mode = payload["sparse"] + ("" if payload["sparse"] == "off" else f" (max_active {payload['max_active']})")
+    mode = payload["sparse"] + ("" if payload["max_active"] is None else f" (max_active {payload['max_active']})")
     rows = [("model", payload["model"]), ("activation", payload["activation"]), ("sparse", mode),
             ("decoding", f"{payload['new_tokens']} new tokens in {payload['seconds']:.3f} s: "
                          f"{payload['tokens_per_s']:.1f} tokens/s")]
     paths = payload["paths"]
-    if paths is not None:
+    rows.append(("engine", payload["engine"] + (f" (the compiled decoder cannot: {payload['engine_note']})"
+                                                if payload["engine_note"] else "")))
+    if paths is not None and paths["engine"] == "compiled":
+        rows.append(("computed", f"{100 * paths['computed_fraction']:.1f}% of the sparse products' inputs/units"))
+    elif paths is not None:
         calls = ", ".join(f"{path} {count}" for path, count in paths["calls"].items())
         computed = "-" if paths["computed_fraction"] is None else f"{100 * paths['computed_fraction']:.1f}%"
         rows.append(("FFN paths", f"{calls} calls; {computed} of hidden units computed (mean over "

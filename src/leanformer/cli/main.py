@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from .._io import describe_os_error
-from . import bench, finetune, forward, generate, models, predictors, profile, sparsify, train
+from . import bench, finetune, forward, generate, models, predictors, profile, sparsify, thresholds, train, tune
 
 
 class UsageError(Exception):
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (train, models, profile, forward, sparsify, finetune, predictors, generate, bench):
+    for module in (train, models, profile, forward, sparsify, thresholds, finetune, predictors, generate, bench, tune):
         module.add_parser(sub)
     return parser
 

@@ -2,8 +2,11 @@
 
 PyTorch sends fp32 CPU `F.linear` to its BLAS (MKL in the official wheels). oneDNN's matmul, which
 PyTorch also ships, is about 2x faster for the forward product and the input gradient on the
-shapes of vision Transformers on the AMD EPYC machines this project is measured on (see
-`benchmarks/backbones.py`). The weight gradient stays on BLAS, which is as fast or faster there.
+shapes of vision Transformers on an AMD EPYC Zen 4, and slower on a Zen 3 (see
+`benchmarks/backbones.py`). So the choice is measured, per weight shape, on the machine that runs it:
+forward and backward of 256-2,048 rows through each path, interleaved, oneDNN kept only when it is faster
+by more than 3%; cached per machine (`leanformer._tuning`, `leanformer tune` redoes it). The weight
+gradient stays on BLAS.
 
 `Linear` keeps `nn.Linear`'s parameters and state-dict keys and is an `nn.Linear`, so every tool
 that finds or wraps Linear layers still does. The plain `F.linear` path is the reference: it is
@@ -68,21 +71,62 @@ def _fast_path_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-class Linear(nn.Linear):
-    """`nn.Linear` with an automatic oneDNN fast path on fp32 CPU tensors (same numbers within fp32)."""
+_MARGIN = 0.03  # oneDNN must beat BLAS by this fraction to be chosen
+_TUNING_WORK = 1 << 29  # multiply-adds per timed product: about 2,048 rows of a ViT-S Linear, fewer for big ones
 
-    fast_path: bool = True
+
+def onednn_is_faster(in_features: int, out_features: int) -> bool:
+    """Whether oneDNN's forward + input gradient beats BLAS for this weight shape here (measured once, cached)."""
+    from .._timing import time_interleaved
+    from .._tuning import tuned
+
+    def measure() -> dict:
+        with torch.inference_mode(False), torch.enable_grad():  # the first call may come under no_grad
+            return _measure()
+
+    def _measure() -> dict:
+        rows = max(256, min(2048, _TUNING_WORK // (in_features * out_features)))
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(rows, in_features, generator=generator, requires_grad=True)
+        weight = torch.randn(out_features, in_features, generator=generator, requires_grad=True)
+        bias = torch.randn(out_features, generator=generator, requires_grad=True)
+        grad = torch.randn(rows, out_features, generator=generator)
+        paths = {"blas": lambda: F.linear(x, weight, bias).backward(grad),
+                 "onednn": lambda: _OneDNNLinearFunction.apply(x, weight, bias).backward(grad)}
+        seconds = {k: v["median_s"] for k, v in time_interleaved(paths, runs=5).items()}
+        return {"choice": "onednn" if seconds["onednn"] < seconds["blas"] * (1 - _MARGIN) else "blas",
+                "seconds": seconds}
+
+    return tuned("linear_onednn", f"{in_features}x{out_features}", measure)["choice"] == "onednn"
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` with a oneDNN fast path on fp32 CPU tensors where it is faster (same numbers within fp32).
+
+    ``fast_path``: "auto" (default: oneDNN where measured faster on this machine for this shape), True (always,
+    where it applies) or False (never).
+    """
+
+    fast_path: bool | str = "auto"
+    _onednn_measured: bool | None = None
+
+    def _use_onednn(self) -> bool:
+        if self.fast_path != "auto":
+            return bool(self.fast_path)
+        if self._onednn_measured is None:
+            self._onednn_measured = onednn_is_faster(self.in_features, self.out_features)
+        return self._onednn_measured
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.fast_path and _fast_path_applies(x, self.weight)):
+        if not (_fast_path_applies(x, self.weight) and self._use_onednn()):
             return F.linear(x, self.weight, self.bias)
         shape = x.shape
         out = _OneDNNLinearFunction.apply(x.reshape(-1, shape[-1]), self.weight, self.bias)
         return out.view(*shape[:-1], self.out_features)
 
 
-def set_fast_linear(model: nn.Module, enabled: bool) -> nn.Module:
-    """Switch the oneDNN path of every leanformer `Linear` in `model` on or off (for comparisons)."""
+def set_fast_linear(model: nn.Module, enabled: bool | str) -> nn.Module:
+    """Set the oneDNN path of every leanformer `Linear` in `model`: True, False or "auto" (for comparisons)."""
     for module in model.modules():
         if isinstance(module, Linear):
             module.fast_path = enabled

@@ -9,7 +9,9 @@ when it is faster by more than the noise margin.
 
 from __future__ import annotations
 
+import hashlib
 import math
+from pathlib import Path
 
 import torch
 
@@ -20,6 +22,8 @@ from .._tuning import tuned
 __all__ = ["MARGIN", "best_decode_layout", "time_layouts"]
 
 MARGIN = 0.03  # "cols" must beat "rows" by this fraction to be chosen
+# the kernels' source digest is part of the key: a choice measured on other kernels is measured again
+_KERNELS = hashlib.sha256((Path(__file__).parent / "csrc" / "decode.cpp").read_bytes()).hexdigest()[:10]
 _FLUSH_BYTES = 96 << 20
 
 
@@ -55,4 +59,4 @@ def best_decode_layout(hidden: int, intermediate: int) -> str:
         choice = "cols" if seconds["cols"] < seconds["rows"] * (1 - MARGIN) else "rows"
         return {"choice": choice, "seconds": seconds}
 
-    return tuned("decode_layout", f"{hidden}x{intermediate}", measure)["choice"]
+    return tuned("decode_layout", f"{hidden}x{intermediate}@{_KERNELS}", measure)["choice"]

@@ -126,9 +126,12 @@ void rows_listed(const float* w, const float* x, int64_t d, const int32_t* idx, 
   });
 }
 
-// p[:n] = sum over listed inputs i of x[i] * w[i, :n] (w input-major), four rows per pass, next rows prefetched.
+// p[:n] = sum over listed inputs i of x[i] * w[i, :n] (w input-major), four rows per pass. While a pass reads a
+// cache line of its four rows it asks for the same line of the next pass's four: listed rows are not contiguous,
+// so the hardware prefetcher alone would stall at every jump.
 void cols_range(const float* w, const float* x, int64_t n, const int32_t* idx, int64_t k0, int64_t k1, float* p) {
   std::fill(p, p + n, 0.f);
+  const int64_t whole = n / kLine * kLine;
   int64_t j = k0;
   for (; j + 4 <= k1; j += 4) {
     const float* r0 = w + static_cast<int64_t>(idx[j]) * n;
@@ -136,14 +139,20 @@ void cols_range(const float* w, const float* x, int64_t n, const int32_t* idx, i
     const float* r2 = w + static_cast<int64_t>(idx[j + 2]) * n;
     const float* r3 = w + static_cast<int64_t>(idx[j + 3]) * n;
     const float x0 = x[idx[j]], x1 = x[idx[j + 1]], x2 = x[idx[j + 2]], x3 = x[idx[j + 3]];
-    if (j + 8 <= k1) {
-      for (int64_t q = 4; q < 8; ++q) {
-        const float* next = w + static_cast<int64_t>(idx[j + q]) * n;
-        for (int64_t c = 0; c < n; c += kLine) __builtin_prefetch(next + c, 0, 0);
-      }
-    }
+    const bool ahead = j + 8 <= k1;
+    const float* n0 = ahead ? w + static_cast<int64_t>(idx[j + 4]) * n : r0;
+    const float* n1 = ahead ? w + static_cast<int64_t>(idx[j + 5]) * n : r1;
+    const float* n2 = ahead ? w + static_cast<int64_t>(idx[j + 6]) * n : r2;
+    const float* n3 = ahead ? w + static_cast<int64_t>(idx[j + 7]) * n : r3;
+    for (int64_t c = 0; c < whole; c += kLine) {
+      __builtin_prefetch(n0 + c, 0, 0);
+      __builtin_prefetch(n1 + c, 0, 0);
+      __builtin_prefetch(n2 + c, 0, 0);
+      __builtin_prefetch(n3 + c, 0, 0);
 #pragma omp simd
-    for (int64_t c = 0; c < n; ++c) p[c] += x0 * r0[c] + x1 * r1[c] + x2 * r2[c] + x3 * r3[c];
+      for (int64_t u = c; u < c + kLine; ++u) p[u] += x0 * r0[u] + x1 * r1[u] + x2 * r2[u] + x3 * r3[u];
+    }
+    for (int64_t u = whole; u < n; ++u) p[u] += x0 * r0[u] + x1 * r1[u] + x2 * r2[u] + x3 * r3[u];
   }
   for (; j < k1; ++j) {
     const float* r = w + static_cast<int64_t>(idx[j]) * n;
@@ -218,8 +227,10 @@ void product(const Linear& l, const float* x, float* y, Scratch& s) {
 }
 
 // One dense product in either layout, for timing the layouts against each other (leanformer.sparsity.tune).
-torch::Tensor matvec(const torch::Tensor& weight, const torch::Tensor& x, bool cols) {
-  const Linear l = make_linear(weight, c10::nullopt, cols, "matvec");
+torch::Tensor matvec(const torch::Tensor& weight, const torch::Tensor& x, bool cols, double threshold) {
+  Linear l = make_linear(weight, c10::nullopt, cols, "matvec");
+  TORCH_CHECK(threshold < 0 || cols, "matvec: an input threshold needs the cols layout");
+  l.threshold = static_cast<float>(threshold);
   check_vector(x, l.in, "matvec x");
   Scratch s;
   s.reserve(l.out, l.in);
@@ -504,7 +515,9 @@ class Decoder {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("matvec", &matvec, "one dense fp32 matrix-vector product, weight (out, in) or with cols (in, out)");
+  m.def("matvec", &matvec, "one fp32 matrix-vector product, weight (out, in) or with cols (in, out), optionally "
+        "skipping the inputs with |x| <= threshold (cols)", py::arg("weight"), py::arg("x"), py::arg("cols"),
+        py::arg("threshold") = -1.0);
   py::class_<Decoder>(m, "Decoder")
       .def(py::init<torch::Tensor, double, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t,
                     int64_t, int64_t, double, double, int64_t>())
