@@ -160,6 +160,20 @@ def decoder_run(decoder, prompt, new: int):
     return run
 
 
+def agreement(decoder, model, prompt: torch.Tensor, reference: list[int], tokens: list[int]) -> dict:
+    """How closely the decoder follows the PyTorch model: the identical prefix of the greedy tokens, and teacher-
+    forced on the reference sequence the share of positions with the same argmax and the largest logit gap
+    relative to the largest logit (fp32 rounding puts entries that sit on a threshold on either side of it)."""
+    prefix = next((i for i, (a, b) in enumerate(zip(tokens, reference, strict=True)) if a != b), len(reference))
+    sequence = torch.cat([prompt, torch.tensor(reference[:-1])])
+    with torch.no_grad():
+        expected = model(sequence[None]).logits[0]
+    got = decoder.logits(sequence)
+    return {"identical_prefix": prefix, "of": len(reference),
+            "teacher_forced_same_argmax": float((got.argmax(-1) == expected.argmax(-1)).float().mean()),
+            "teacher_forced_max_logit_diff_rel": float((got - expected).abs().max() / expected.abs().max())}
+
+
 def decoder_details(decoder) -> dict:
     """The per-token time split of the decoder's last call, the share of sparse inputs/units computed, layouts."""
     split = decoder.timings()
@@ -205,6 +219,7 @@ def main(argv=None) -> dict:
     auto_layout = best_decode_layout(model.config.hidden_size, model.config.intermediate_size)
     decoders = {f"leanformer_dense_{layout}": fast_decoder(model, DecodeConfig(max_len=max_len, layout=layout))
                 for layout in ("rows", "cols")}
+    models = dict.fromkeys(decoders, model)
     for method, allocation, target in SPARSE:
         name = f"leanformer_{method}_{allocation}_{round(100 * target)}"
         sparse_model = copy.deepcopy(model)
@@ -222,7 +237,7 @@ def main(argv=None) -> dict:
                             "loss_sparse": report.loss_sparse,
                             "levels": sorted({(k.split(".")[-1], g["sparsity"]) for k, g in report.groups.items()})}}
         decoders[name] = fast_decoder(sparse_model, DecodeConfig(max_len=max_len, layout=auto_layout))
-        del sparse_model  # the decoder holds what it needs
+        models[name] = sparse_model
     runners = {name: decoder_run(decoder, prompt, new) for name, decoder in decoders.items()}
     if not args.quick:
         f32 = _llama_cpp.f32_gguf(gguf, cache_root() / "gguf" / GGUF_NAME.replace("Q4_1", "F32"))
@@ -236,8 +251,11 @@ def main(argv=None) -> dict:
     for name, v in variants.items():
         if name.startswith("leanformer_dense"):
             v["identical_to_hf"] = v["tokens"] == dense_reference
+            v["agreement"] = agreement(decoders[name], model, prompt, dense_reference, v["tokens"])
         elif name.startswith("leanformer_"):
-            v["identical_to_thresholded_hf"] = v["tokens"] == v.pop("reference_tokens")
+            reference = v.pop("reference_tokens")
+            v["identical_to_thresholded_hf"] = v["tokens"] == reference
+            v["agreement"] = agreement(decoders[name], models[name], prompt, reference, v["tokens"])
         elif name.startswith("llama_cpp"):
             v["same_tokens_as_leanformer_dense"] = sum(
                 a == b for a, b in zip(v["tokens"], variants[f"leanformer_dense_{auto_layout}"]["tokens"],
@@ -294,6 +312,11 @@ def markdown(payload: dict) -> str:
         ppl = v.get("perplexity") or {}
         change = v.get("perplexity_change") or {}
         same = v.get("identical_to_hf", v.get("identical_to_thresholded_hf"))
+        if "agreement" in v:
+            a = v["agreement"]
+            same = (f"{'all' if same else 'first'} {a['identical_prefix']}/{a['of']}; teacher-forced argmax "
+                    f"{a['teacher_forced_same_argmax']:.1%}, "
+                    f"logits within {a['teacher_forced_max_logit_diff_rel']:.0e}")
         if "same_tokens_as_leanformer_dense" in v:
             same = f"{v['same_tokens_as_leanformer_dense']}/{len(v['tokens'])} of leanformer dense"
         ppl_cells = [f"{ppl[d]:.2f} ({100 * change[d]:+.1f}%)" if d in ppl else "—" for d in ("shakespeare", "agnews")]
