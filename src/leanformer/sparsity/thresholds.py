@@ -194,7 +194,9 @@ def _teal_groups(model: nn.Module, batch: object) -> dict[str, _Group]:
     """Block Linears grouped by the input tensor they read in one forward (q/k/v together, gate/up together)."""
     linears = _block_linears(model)
     if not linears:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear inside numbered blocks for TEAL to sparsify")
+        raise ValueError(f"{type(model).__name__} has no nn.Linear inside numbered blocks for TEAL to sparsify "
+                         "(its projections are other modules, e.g. GPT-2's Conv1D or 1x1 Conv2d, not supported yet); "
+                         "method='cats' thresholds FFN activations instead")
     seen: dict[int, list[str]] = {}
     alive = []  # the inputs themselves, so that no id is reused within the forward
 
