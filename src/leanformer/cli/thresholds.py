@@ -7,6 +7,8 @@ import dataclasses
 import time
 from pathlib import Path
 
+import torch
+
 from .._io import check_writable_dir, dumps_json, write_files_atomic, write_json_atomic
 from .._runfolder import claim_run_folder
 from ..data import lm_eval_batches, load_text, load_tokenizer
@@ -70,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     with claim_run_folder(out, RUN_OUTPUTS, overwrite=args.overwrite, resumable=False):
         report = calibrate_thresholds(model, calibration, config, progress=progress)
         measured = threshold_sparsity(model, held_out)
-        held_out_loss = sum(float(causal_lm_loss(model, b)) for b in held_out) / len(held_out)
+        with torch.no_grad():
+            held_out_loss = sum(float(causal_lm_loss(model, b)) for b in held_out) / len(held_out)
         with hf_progress_bars(progress):
             save_pretrained(model, out)
             if tokenizer is not None:

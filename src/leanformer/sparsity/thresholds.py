@@ -234,6 +234,17 @@ def _cats_groups(model: nn.Module) -> dict[str, _Group]:
     return groups
 
 
+def _run_hooked(model: nn.Module, batches: Iterable, handles: list) -> None:
+    """Forward every batch without gradients, then remove the hooks ``handles`` (also on error)."""
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                split_batch(batch).run(model)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _collect(model: nn.Module, batches: list, groups: dict[str, _Group], method: str, max_samples: int,
              generator: torch.Generator) -> None:
     """Fill each group's magnitudes (TEAL: of its input; CATS: of the activation output) over ``batches``."""
@@ -254,13 +265,7 @@ def _collect(model: nn.Module, batches: list, groups: dict[str, _Group], method:
             handles.append(module.register_forward_pre_hook(lambda _m, args, key=key: keep(key, args[0])))
         else:
             handles.append(module.register_forward_hook(lambda _m, _args, out, key=key: keep(key, out)))
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                split_batch(batch).run(model)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(model, batches, handles)
     missing = set(groups) - seen
     if missing:
         raise ValueError(f"calibration: {sorted(missing)[0]} was not reached by the model's forward")
@@ -401,13 +406,7 @@ def threshold_sparsity(model: nn.Module, batches: Iterable) -> dict:
         module = model.get_submodule(name)
         counted = module if isinstance(module, InputSparseLinear) else module[1]  # the Linear, or the CATS threshold
         handles.append(counted.register_forward_pre_hook(lambda m, args, name=name: count(name, args[0], m.threshold)))
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                split_batch(batch).run(model)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(model, batches, handles)
     fractions = {name: zero / total if total else 0.0 for name, (zero, total) in counts.items()}
     block_weights = sum(m.weight.numel() for m in _block_linears(model).values())
     skipped = sum(fractions[name] * weights for name, weights in skipped_by.items())
