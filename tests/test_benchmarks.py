@@ -109,6 +109,7 @@ def test_smora_benchmark_quick(tmp_path):
     assert (tmp_path / "smora.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_llm_decode_benchmark_quick(tmp_path):
     from benchmarks import llm_decode
 
