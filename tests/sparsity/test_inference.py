@@ -4,6 +4,7 @@ the predicted units; paths are counted; bad requests change nothing."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -280,3 +281,30 @@ def test_a_copy_of_a_predictor_mode_model_has_its_own_predictors(how, path):
     twin = _assert_copy_runs_and_counts_on_its_own(model, inputs, how)
     originals = [m.predictor for m in _sparse_modules(model)]
     assert all(m.predictor is not p for m, p in zip(_sparse_modules(twin), originals, strict=True))
+
+
+def test_auto_max_active_is_measured_once_per_machine_and_shape(tmp_path, monkeypatch):
+    from leanformer import _tuning
+    from leanformer.sparsity import inference
+
+    monkeypatch.setenv("LEANFORMER_CACHE", str(tmp_path))
+    calls = []
+
+    def counted(ffn, mode="exact", **kwargs):
+        calls.append((ffn.in_features, ffn.hidden_features, mode))
+        return 0.375
+
+    def fresh():
+        torch.manual_seed(0)
+        return relufy(tiny_llama()[0])
+
+    monkeypatch.setattr(inference, "calibrate_max_active", counted)
+    first = sparsify_for_inference(fresh())
+    assert len(calls) == 1  # every FFN of one shape: one measurement
+    assert {r["max_active"] for r in inference_report(first).values()} == {0.375}
+    sparsify_for_inference(fresh())
+    assert len(calls) == 1  # the cached choice: not measured again
+    cached = json.loads(_tuning.cache_path().read_text())["choices"]["sparse_max_active"]
+    assert list(cached.values()) == [{"choice": 0.375}]
+    sparsify_for_inference(fresh(), "exact", max_active=0.5)
+    assert len(calls) == 1  # a fixed fraction measures nothing

@@ -18,7 +18,8 @@ small per-layer predictors so that the gate, up and down projections are all com
 
 A batch of tokens shares one set of units, the union of theirs; when the union is larger than ``max_active``
 (a fraction of the hidden units) the layer runs dense. ``max_active="auto"`` measures, for each FFN shape on
-this machine, the largest active fraction at which the sparse path is still faster than the dense one.
+this machine, the largest active fraction at which the sparse path is still faster than the dense one, once per
+machine: the result is cached (`leanformer._tuning`; `leanformer tune` forgets it).
 Each swapped module counts which path ran (`inference_report`); nothing falls back silently. Under autocast
 (bf16 or fp16, CPU or GPU) the sparse products run in autocast's dtype as the dense layers would; only inputs
 whose dtype differs from the weights' without autocast run dense (and torch raises its own error).
@@ -28,14 +29,17 @@ contiguous (hidden, out) tensor), so memory and ``state_dict`` keys are unchange
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .._timing import time_interleaved
+from .._tuning import tuned
 from .activations import FATReLU, TopK
 from .ffn import FFN, FFNSpec, find_ffns, layer_kind, refuse_fused_experts
 from .kernels import backend, gated_down, gather_matmul, input_sparse_down, scatter_matmul
@@ -375,6 +379,20 @@ def calibrate_max_active(ffn: FFN, mode: str = "exact", fractions: Iterable[floa
     return best
 
 
+_SPARSE_KERNELS = hashlib.sha256((Path(__file__).parent / "csrc" / "sparse_ffn.cpp").read_bytes()).hexdigest()[:10]
+
+
+def _measured_max_active(ffn: FFN, mode: str, gated: bool) -> float:
+    """`calibrate_max_active` for this FFN's shape, measured once per machine on the CPU and cached (`_tuning`),
+    keyed by everything the crossover depends on: mode, layout, shape, dtype, backend and the kernels' source."""
+    weight = ffn.weight("down")
+    if weight.device.type != "cpu":  # the machine key describes the CPU only
+        return calibrate_max_active(ffn, mode)
+    key = (f"{mode}/{'gated' if gated else 'plain'}/{ffn.in_features}x{ffn.hidden_features}x{ffn.out_features}/"
+           f"{str(weight.dtype).removeprefix('torch.')}/{backend(weight.detach())}@{_SPARSE_KERNELS}")
+    return float(tuned("sparse_max_active", key, lambda: {"choice": calibrate_max_active(ffn, mode)})["choice"])
+
+
 def sparsify_for_inference(model: nn.Module, mode: str = "exact", predictors=None, *,
                            max_active: float | str = "auto", specs: Iterable[FFNSpec] | None = None) -> nn.Module:
     """Swap every FFN of ``model`` for its sparse-inference form, in place; return ``model``.
@@ -401,7 +419,7 @@ def sparsify_for_inference(model: nn.Module, mode: str = "exact", predictors=Non
         if max_active == "auto":
             key = (gated, ffn.in_features, ffn.hidden_features, ffn.out_features, ffn.down.weight.dtype)
             if key not in calibrated:
-                calibrated[key] = calibrate_max_active(ffn, mode)
+                calibrated[key] = _measured_max_active(ffn, mode, gated)
             limit = calibrated[key]
         if gated:
             _replace(model, ffn.name, SparseGatedFFN(ffn, mode, predictors[ffn.name] if predictors else None, limit))
