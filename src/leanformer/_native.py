@@ -9,6 +9,7 @@ about a minute once per machine and torch version; the result is cached under ``
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import warnings
@@ -20,6 +21,11 @@ _SOURCES = {
     "sparse_ffn": Path(__file__).parent / "sparsity" / "csrc" / "sparse_ffn.cpp",
     "decode": Path(__file__).parent / "sparsity" / "csrc" / "decode.cpp",
 }
+
+
+def source_digest(name: str) -> str:
+    """A short digest of kernel ``name``'s source: part of the key of any choice measured on those kernels."""
+    return hashlib.sha256(_SOURCES[name].read_bytes()).hexdigest()[:10]
 
 
 def enabled() -> bool:

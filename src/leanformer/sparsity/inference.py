@@ -29,15 +29,14 @@ contiguous (hidden, out) tensor), so memory and ``state_dict`` keys are unchange
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from collections.abc import Iterable
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._native import source_digest
 from .._timing import time_interleaved
 from .._tuning import tuned
 from .activations import FATReLU, TopK
@@ -379,7 +378,7 @@ def calibrate_max_active(ffn: FFN, mode: str = "exact", fractions: Iterable[floa
     return best
 
 
-_SPARSE_KERNELS = hashlib.sha256((Path(__file__).parent / "csrc" / "sparse_ffn.cpp").read_bytes()).hexdigest()[:10]
+_SPARSE_KERNELS = source_digest("sparse_ffn")
 
 
 def _measured_max_active(ffn: FFN, mode: str, gated: bool) -> float:

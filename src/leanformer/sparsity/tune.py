@@ -9,13 +9,12 @@ when it is faster by more than the noise margin.
 
 from __future__ import annotations
 
-import hashlib
 import math
-from pathlib import Path
 
 import torch
 
 from .._native import kernels as native_kernels
+from .._native import source_digest
 from .._timing import time_interleaved
 from .._tuning import tuned
 
@@ -23,7 +22,7 @@ __all__ = ["MARGIN", "best_decode_layout", "time_layouts"]
 
 MARGIN = 0.03  # "cols" must beat "rows" by this fraction to be chosen
 # the kernels' source digest is part of the key: a choice measured on other kernels is measured again
-_KERNELS = hashlib.sha256((Path(__file__).parent / "csrc" / "decode.cpp").read_bytes()).hexdigest()[:10]
+_KERNELS = source_digest("decode")
 _FLUSH_BYTES = 96 << 20
 
 

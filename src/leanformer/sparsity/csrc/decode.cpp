@@ -166,13 +166,18 @@ void cols_range(const float* w, const float* x, int64_t n, const int32_t* idx, i
 struct Scratch {
   torch::Tensor partial;  // (threads, widest output)
   std::vector<int32_t> index;
+  std::vector<int32_t> every;  // 0, 1, 2, ...: the list of a dense cols product
   int64_t used = 0, total = 0;  // inputs read / inputs offered by thresholded products, for the report
 
   void reserve(int64_t widest, int64_t inputs) {
     if (!partial.defined() || partial.size(0) < at::get_num_threads() || partial.size(1) < widest) {
       partial = torch::zeros({at::get_num_threads(), widest}, torch::kFloat);
     }
-    if (static_cast<int64_t>(index.size()) < inputs) index.assign(static_cast<size_t>(inputs), 0);
+    if (static_cast<int64_t>(index.size()) < inputs) {
+      index.assign(static_cast<size_t>(inputs), 0);
+      every.resize(static_cast<size_t>(inputs));
+      for (int64_t i = 0; i < inputs; ++i) every[i] = static_cast<int32_t>(i);
+    }
   }
 };
 
@@ -208,17 +213,17 @@ void product(const Linear& l, const float* x, float* y, Scratch& s) {
                                                    std::min((t + 1) * chunk, l.out), y);
     });
   } else {
-    int64_t k = 0;
     if (l.threshold < 0) {
-      for (int64_t i = 0; i < l.in; ++i) s.index[k++] = static_cast<int32_t>(i);
+      cols_listed(l, x, s.every.data(), l.in, y, s);
     } else {
+      int64_t k = 0;
       for (int64_t i = 0; i < l.in; ++i) {
         if (!(std::fabs(x[i]) <= l.threshold)) s.index[k++] = static_cast<int32_t>(i);
       }
       s.used += k;
       s.total += l.in;
+      cols_listed(l, x, s.index.data(), k, y, s);
     }
-    cols_listed(l, x, s.index.data(), k, y, s);
   }
   if (l.bias.defined()) {
     const float* b = l.bias.data_ptr<float>();
