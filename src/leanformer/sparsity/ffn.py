@@ -36,7 +36,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .._projections import SUPPORTED_LAYERS, LayerKind, layer_kind
 
-__all__ = ["FFN", "FFN_SPECS", "ExpertRows", "FFNSpec", "LayerKind", "find_ffns", "layer_kind",
+__all__ = ["FFN", "FFN_SPECS", "ExpertRows", "FFNSpec", "LayerKind", "activation_paths", "find_ffns", "layer_kind",
            "refuse_fused_experts", "structural_spec"]
 
 _ROLES = ("up", "down", "gate")
@@ -366,6 +366,16 @@ def _experts_record(name: str, module: nn.Module, spec: FFNSpec, found_by: str, 
         raise ValueError(f"{owner}.{spec.act} (activation) is not callable")
     return FFN(name, module, module, module, module, module, spec.act, "first", found_by, in_decoder,
                (spec.up, spec.down))
+
+
+def activation_paths(model: nn.Module, ffns: Iterable[FFN]) -> list[tuple[str, FFN]]:
+    """(module path of the FFN's activation attribute, the FFN) for each of ``ffns`` of ``model``."""
+    names = {id(module): name for name, module in model.named_modules()}
+    paths = []
+    for ffn in ffns:
+        parent = names[id(ffn.act_parent)]
+        paths.append((f"{parent}.{ffn.act_attr}" if parent else ffn.act_attr, ffn))
+    return paths
 
 
 def refuse_fused_experts(ffns: Iterable[FFN], tool: str, reason: str) -> None:

@@ -34,7 +34,7 @@ from .._io import atomic_write, write_files_atomic
 from .._loading import first_line, hf_from_pretrained, read_safetensors
 from ..models._checkpoint import TRANSFORMS_METADATA_KEY, check_state_dict
 from .activations import FATReLU, is_topk_wrapped, topk_wrapped
-from .ffn import FFNSpec, find_ffns
+from .ffn import FFNSpec, activation_paths, find_ffns
 from .thresholds import input_threshold_record, is_thresholded, set_input_threshold, thresholded
 
 __all__ = ["activation_record", "load_pretrained", "save_pretrained", "sync_hf_config"]
@@ -60,13 +60,11 @@ _ACTIVATION_FIELDS = {
 def activation_record(model: nn.Module, specs: Iterable[FFNSpec] | None = None) -> dict[str, dict]:
     """Per FFN activation module path: what leanformer set there, e.g. ``{"act": "fatrelu", "threshold": 0.01}``,
     ``{"act": "model", "topk": 32}`` (the model's own activation followed by Top-k); empty if nothing changed."""
-    names = {id(module): name for name, module in model.named_modules()}
     record = {}
-    for ffn in find_ffns(model, specs):
+    for path, ffn in activation_paths(model, find_ffns(model, specs)):
         entry = _describe(ffn.act)
         if entry != {"act": "model"}:
-            parent = names[id(ffn.act_parent)]
-            record[f"{parent}.{ffn.act_attr}" if parent else ffn.act_attr] = entry
+            record[path] = entry
     return record
 
 

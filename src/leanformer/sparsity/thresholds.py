@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from .._checks import check_real
 from ._batches import split_batch
-from .ffn import find_ffns
+from .ffn import FFN, activation_paths, find_ffns
 
 __all__ = ["ALLOCATIONS", "METHODS", "InputSparseLinear", "MagnitudeThreshold", "ThresholdConfig",
            "ThresholdReport", "calibrate_thresholds", "input_threshold_record", "set_input_threshold",
@@ -219,16 +219,17 @@ def _teal_groups(model: nn.Module, batch: object) -> dict[str, _Group]:
     return groups
 
 
+def _cats_skipped_weights(ffn: FFN) -> int:
+    """Weight elements a CATS-zeroed unit of ``ffn`` lets a decoder skip: its rows of down, and of up if gated."""
+    return sum(m.weight.numel() for m in [ffn.down] + ([ffn.up] if ffn.gate is not None else []))
+
+
 def _cats_groups(model: nn.Module) -> dict[str, _Group]:
     groups = {}
-    names = {id(module): name for name, module in model.named_modules()}
-    for ffn in find_ffns(model):
-        parent = names[id(ffn.act_parent)]
-        path = f"{parent}.{ffn.act_attr}" if parent else ffn.act_attr
+    for path, ffn in activation_paths(model, find_ffns(model)):
         if not isinstance(getattr(ffn.act_parent, ffn.act_attr), nn.Module):
             raise ValueError(f"{path} is a plain function: CATS needs the FFN activation to be a module")
-        skipped = [ffn.down] + ([ffn.up] if ffn.gate is not None else [])
-        groups[path] = _Group([path], sum(m.weight.numel() for m in skipped))
+        groups[path] = _Group([path], _cats_skipped_weights(ffn))
     if not groups:
         raise ValueError(f"{type(model).__name__}: no FFN found for CATS (see leanformer.sparsity.find_ffns)")
     return groups
@@ -389,12 +390,9 @@ def threshold_sparsity(model: nn.Module, batches: Iterable) -> dict:
     of entries it zeroes, and ``model_wide``, the fraction of the blocks' Linear weight reads they skip (TEAL: a
     zeroed input skips its column of the weight; CATS: a zeroed unit skips its rows of up and down)."""
     skipped_by = {name: m.weight.numel() for name, m in model.named_modules() if isinstance(m, InputSparseLinear)}
-    names = {id(module): name for name, module in model.named_modules()}
-    for ffn in find_ffns(model):
-        parent = names[id(ffn.act_parent)]
-        path = f"{parent}.{ffn.act_attr}" if parent else ffn.act_attr
+    for path, ffn in activation_paths(model, find_ffns(model)):
         if is_thresholded(getattr(ffn.act_parent, ffn.act_attr)):
-            skipped_by[path] = sum(m.weight.numel() for m in [ffn.down] + ([ffn.up] if ffn.gate is not None else []))
+            skipped_by[path] = _cats_skipped_weights(ffn)
     counts = {name: [0, 0] for name in skipped_by}
 
     def count(name: str, tensor: torch.Tensor, threshold: float) -> None:
