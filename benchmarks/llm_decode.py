@@ -87,10 +87,16 @@ def ag_news(path: Path, count: int) -> str:
         return "\n".join(row[0] for _, row in zip(range(count), csv.reader(f, delimiter="\t"), strict=False))
 
 
+def encoder(tokenizer):
+    """Text -> token ids: the model's tokenizer, or bytes modulo the tiny random model's 96 tokens (--quick)."""
+    if tokenizer is None:
+        return lambda text: torch.tensor(list(text.encode()), dtype=torch.long) % 96
+    return lambda text: torch.tensor(tokenizer(text)["input_ids"])
+
+
 def texts(tokenizer, quick: bool) -> tuple[list, dict]:
     """(calibration batches, held-out evaluation batches per domain), none overlapping."""
-    encode = (lambda t: torch.tensor(tokenizer(t)["input_ids"])) if tokenizer is not None else \
-        (lambda t: torch.tensor(list(t.encode()), dtype=torch.long) % 96)
+    encode = encoder(tokenizer)
     shakespeare = (DATA / "tinyshakespeare" / "input.txt").read_text()
     calibration_text = [shakespeare[:20000], ag_news(DATA / "agnews" / "dev.tsv", 300)]
     held_out = {"shakespeare": shakespeare[-60000:], "agnews": ag_news(DATA / "agnews" / "test.tsv", 600)}

@@ -118,3 +118,15 @@ def test_llm_decode_benchmark_quick(tmp_path):
     assert variants["leanformer_dense_rows"]["identical_to_hf"] and variants["leanformer_dense_cols"]["identical_to_hf"]
     assert all(v["identical_to_thresholded_hf"] for n, v in variants.items() if "_teal_" in n or "_cats_" in n)
     assert list(tmp_path.glob("*.json")) and list(tmp_path.glob("*.png"))
+
+
+@pytest.mark.slow
+def test_prosparse_smollm2_benchmark_quick(tmp_path):
+    from benchmarks import prosparse_smollm2
+
+    result = prosparse_smollm2.main(["--quick", "--out", str(tmp_path)])
+    variants = result["variants"]
+    assert 0 < variants["prosparse"]["ffn_sparsity"] < 1 and 0 < variants["prosparse"]["skipped_weight_share"] < 1
+    assert variants["prosparse_exact"]["agreement"]["identical_prefix"] == result["new_tokens"]
+    assert variants["prosparse_predictor"]["computed_fraction"] <= variants["prosparse_exact"]["computed_fraction"]
+    assert {p.suffix for p in tmp_path.iterdir()} == {".json", ".png", ".md"}

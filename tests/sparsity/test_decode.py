@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import transformers
@@ -10,6 +12,7 @@ from leanformer._native import kernels
 from leanformer.data.text import lm_eval_batches
 from leanformer.sparsity import (
     DecodeConfig,
+    PredictorConfig,
     ThresholdConfig,
     apply_topk,
     calibrate_thresholds,
@@ -17,6 +20,8 @@ from leanformer.sparsity import (
     load_pretrained,
     relufy,
     save_pretrained,
+    sparsify_for_inference,
+    train_predictors,
 )
 
 pytestmark = pytest.mark.skipif(kernels("decode") is None, reason="no C++ compiler for the decode kernels")
@@ -146,6 +151,53 @@ def test_relu_models_decode_exactly_and_skip_their_zero_units(activation, thresh
     got = decoder.logits(ids)
     assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
     assert decoder.timings()["computed_fraction"] < 0.7  # ReLU zeroes about half of the units, FATReLU more
+
+
+def stepwise_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of one forward per token with the KV cache, as decoding computes them: a sparse PyTorch FFN shares
+    one set of units over the tokens of a call, so only one token per call is comparable with the decoder."""
+    rows, cache = [], None
+    with torch.no_grad():
+        for token in ids:
+            out = model(token.view(1, 1), use_cache=True, **({} if cache is None else {"cache": cache}))
+            cache = out.cache
+            rows.append(out.logits[0, -1])
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_predictor_decoding_equals_the_pytorch_predictor_mode(family):
+    """Deja Vu-style predictors on a ReLU model: the decoder computes what `sparsify_for_inference(model,
+    "predictor")` computes (gate, up and down for the predicted units only)."""
+    model = relufy(build(family, std=0.1), "relu")
+    tokens = torch.randint(0, VOCAB, (600,), generator=torch.Generator().manual_seed(5))
+    predictors, _ = train_predictors(model, [b[0] for b in lm_eval_batches(tokens, 4, 32)],
+                                     PredictorConfig(rank=8, steps=60, target_recall=0.9), progress=False)
+    reference = sparsify_for_inference(copy.deepcopy(model), "predictor", predictors, max_active=1.0)
+    ids = torch.randint(0, VOCAB, (24,), generator=torch.Generator().manual_seed(6))
+    expected = stepwise_logits(reference, ids)
+    tolerance = 1e-4 * expected.abs().max()
+    assert (stepwise_logits(model, ids) - expected).abs().max() > 10 * tolerance  # predictors miss units
+    decoder = fast_decoder(model, DecodeConfig(max_len=64), predictors)
+    assert [decoder.layouts["0"][part] for part in ("gate_up", "up", "down")] == ["rows", "rows", "cols"]
+    got = decoder.logits(ids)
+    assert (got - expected).abs().max() <= tolerance
+    exact = fast_decoder(model, DecodeConfig(max_len=64))
+    exact.logits(ids)
+    # the units computed are the predicted ones that are active: fewer than all the active ones
+    assert decoder.timings()["computed_fraction"] < exact.timings()["computed_fraction"]
+    prompt, new = ids[:4], decoder.generate(ids[:4], 12, stop_at_eos=False)
+    expected_steps = stepwise_logits(reference, torch.cat([prompt, new[:-1]]))[len(prompt) - 1:]
+    assert torch.equal(new, expected_steps.argmax(-1))
+
+
+def test_predictors_are_refused_where_they_cannot_apply():
+    model = relufy(build("llama", std=0.1), "relu")
+    tokens = torch.randint(0, VOCAB, (300,), generator=torch.Generator().manual_seed(5))
+    predictors, _ = train_predictors(model, [b[0] for b in lm_eval_batches(tokens, 4, 32)],
+                                     PredictorConfig(rank=8, steps=5), progress=False)
+    with pytest.raises(ValueError, match="ReLU or FATReLU"):
+        fast_decoder(build("llama", std=0.1), DecodeConfig(max_len=16), predictors)
 
 
 def test_layout_choice_is_measured_once_and_cached(tmp_path, monkeypatch):

@@ -11,7 +11,9 @@ The same decoder skips work that activation sparsity makes unnecessary: with per
 Liu et al. 2025: inputs of a Linear with |x| <= t are treated as zero) it reads only the weight rows of the
 surviving inputs; with FFN thresholds (CATS, Lee et al. 2024: units with |act(gate x)| <= t are zero) it computes
 up and down for the surviving units only. Either way the result is the thresholded model's, exactly
-(`sparsity.thresholds` calibrates the thresholds and applies them to the PyTorch model, the reference).
+(`sparsity.thresholds` calibrates the thresholds and applies them to the PyTorch model, the reference). A
+ReLU-family FFN (ProSparse) skips its zero units exactly; given Deja Vu-style predictors (Liu et al. 2023) it
+computes the gate only for the units they predict active, as `sparsify_for_inference(model, "predictor")` does.
 
 Supported: the `LLAMA_FAMILY` model types (LLaMA/SmolLM, Mistral, Qwen2, Qwen3, Gemma); fp32 weights on the CPU.
 Weight layout ("rows": out x in, or "cols": in x out, which input sparsity needs) is chosen per machine by
@@ -29,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._native import kernels as native_kernels
+from .predictor import LowRankPredictor, Predictors
 from .thresholds import InputSparseLinear, is_thresholded
 
 __all__ = ["LLAMA_FAMILY", "DecodeConfig", "FastDecoder", "fast_decoder"]
@@ -125,6 +128,23 @@ def _layer_thresholds(index: int, layer: nn.Module) -> tuple[dict[str, float], f
     if cats is not None and (teal["gate_up"] is not None or teal["down"] is not None):
         raise ValueError(f"fast_decoder: layer {index} has both TEAL FFN input thresholds and a CATS threshold")
     return {part: t for part, t in teal.items() if t is not None}, cats
+
+
+def _layer_predictor(index: int, predictors: Predictors | None, act: int, cats: float | None,
+                     teal: dict) -> LowRankPredictor | None:
+    """The predictor of a layer's FFN, checked to make sense there (a ReLU-family FFN, no other FFN threshold)."""
+    if predictors is None:
+        return None
+    path = f"model.layers.{index}.mlp"
+    if path not in predictors:
+        raise ValueError(f"fast_decoder: the predictors have no entry for {path!r} (they were trained on another "
+                         "model?)")
+    if act != _FATRELU:
+        raise ValueError(f"fast_decoder: layer {index}: predictors need a ReLU or FATReLU FFN (relufy, prosparse); "
+                         "this FFN's activation is smooth, so no unit is ever exactly zero")
+    if cats is not None or "gate_up" in teal or "down" in teal:
+        raise ValueError(f"fast_decoder: layer {index} has FFN thresholds (TEAL or CATS) and a predictor: expected one")
+    return predictors[path]
 
 
 def _check_weights(model: nn.Module) -> None:
@@ -249,11 +269,15 @@ def _resolve_layout(config: DecodeConfig, model: nn.Module) -> str:
 
 
 @torch.no_grad()
-def fast_decoder(model: nn.Module, config: DecodeConfig | None = None) -> FastDecoder:
+def fast_decoder(model: nn.Module, config: DecodeConfig | None = None, predictors: Predictors | None = None
+                 ) -> FastDecoder:
     """A `FastDecoder` over ``model`` (a Hugging Face LLaMA-family causal LM, fp32, CPU), which is left unchanged.
 
     TEAL and CATS thresholds set on the model (`calibrate_thresholds`) are run sparsely: the decoder computes
-    the thresholded model, skipping the weights of the zeroed entries.
+    the thresholded model, skipping the weights of the zeroed entries. A ReLU-family model (`relufy`,
+    `prosparse`) skips its zero FFN units exactly; with ``predictors`` (`train_predictors`, Deja Vu-style) it
+    computes the gate only for the units they predict active, as ``sparsify_for_inference(model, "predictor")``
+    does: units a predictor misses are lost (approximate).
 
     Needs the compiled kernels (a C++ compiler; built once, about a minute): without them this raises, and
     ``model.generate`` remains the way to decode.
@@ -270,6 +294,8 @@ def fast_decoder(model: nn.Module, config: DecodeConfig | None = None) -> FastDe
                            "LEANFORMER_NATIVE=1): decode with model.generate instead")
     layout = _resolve_layout(config, model)
     inner = model.model
+    if predictors is not None:
+        predictors.check_fits(model)
     attn0 = inner.layers[0].self_attn
     heads, kv_heads = model.config.num_attention_heads, model.config.num_key_value_heads
     head_dim = attn0.q_proj.out_features // heads
@@ -286,12 +312,15 @@ def fast_decoder(model: nn.Module, config: DecodeConfig | None = None) -> FastDe
         attn, mlp = layer.self_attn, layer.mlp
         teal, cats = _layer_thresholds(index, layer)
         act, act_threshold = _activation(index, _own_activation(mlp.act_fn))
-        if act == _FATRELU and cats is None and "gate_up" not in teal and "down" not in teal:
+        predictor = _layer_predictor(index, predictors, act, cats, teal)
+        if act == _FATRELU and predictor is None and cats is None and "gate_up" not in teal and "down" not in teal:
             cats = 0.0  # a ReLU-family FFN: its zero units are skipped, exactly (ProSparse models decode sparsely)
         chosen = {part: "cols" if part in teal else layout for part in ("qkv", "o", "gate_up", "down")}
         chosen["up"] = chosen["gate_up"]
-        if cats is not None:
+        if cats is not None or predictor is not None:
             chosen["up"], chosen["down"] = "rows", "cols"
+        if predictor is not None:
+            chosen["gate_up"] = "rows"
         qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
         bias = (torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]).detach().contiguous()
                 if family.qkv_bias and attn.q_proj.bias is not None else None)
@@ -308,6 +337,10 @@ def fast_decoder(model: nn.Module, config: DecodeConfig | None = None) -> FastDe
             decoder.set_input_thresholds(index, *(teal.get(k, -1.0) for k in ("qkv", "o", "gate_up", "down")))
         if cats is not None:
             decoder.set_ffn_threshold(index, float(cats))
+        if predictor is not None:
+            decoder.set_predictor(index, predictor.fc1.weight.detach().float().contiguous(),
+                                  predictor.fc2.weight.detach().float().t().contiguous(),
+                                  predictor.fc2.bias.detach().float().contiguous(), float(predictor.threshold))
         layouts[str(index)] = chosen
     eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
     eos = {eos} if isinstance(eos, int) else set(eos or ())

@@ -321,6 +321,28 @@ class Decoder {
     l.ffn_threshold = static_cast<float>(threshold);
   }
 
+  // Deja Vu-style prediction for a ReLU-family FFN: logits = fc2(fc1(h)) + bias; the units with logits > threshold
+  // are the only ones whose gate is computed (gate rows layout), and of those the nonzero ones run through up (rows)
+  // and down (cols). A unit the predictor misses is taken as zero: approximate, by design.
+  void set_predictor(int64_t layer, torch::Tensor fc1, torch::Tensor fc2_cols, torch::Tensor bias, double threshold) {
+    TORCH_CHECK(layer >= 0 && layer < static_cast<int64_t>(layers_.size()), "layer ", layer, " out of range");
+    Layer& l = layers_[layer];
+    TORCH_CHECK(l.activation == kFATReLU, "Decoder: a predictor needs a ReLU or FATReLU FFN activation");
+    TORCH_CHECK(!l.gate.cols && !l.up.cols && l.down.cols && l.ffn_threshold < 0 && l.gate.threshold < 0 &&
+                    l.down.threshold < 0,
+                "Decoder: a predictor needs gate_proj and up_proj in the rows layout, down_proj in the cols layout "
+                "and no other FFN threshold");
+    l.pred_in = make_linear(fc1, c10::nullopt, false, "predictor fc1");
+    l.pred_out = make_linear(fc2_cols, bias, true, "predictor fc2");
+    TORCH_CHECK(l.pred_in.in == d_ && l.pred_out.in == l.pred_in.out && l.pred_out.out == l.gate.out,
+                "Decoder: predictor shapes (", l.pred_in.out, "x", l.pred_in.in, ", ", l.pred_out.in, "x",
+                l.pred_out.out, ") do not fit hidden ", d_, " and FFN width ", l.gate.out);
+    l.pred_threshold = static_cast<float>(threshold);
+    l.predicted = true;
+    rank_ = std::max(rank_, l.pred_in.out);
+    allocate();
+  }
+
   torch::Tensor step(int64_t token, int64_t pos) {
     TORCH_CHECK(token >= 0 && token < vocab_, "Decoder.step: token ", token, " out of range [0, ", vocab_, ")");
     TORCH_CHECK(pos >= 0 && pos < max_len_, "Decoder.step: position ", pos, " outside the cache of ", max_len_);
@@ -372,6 +394,9 @@ class Decoder {
     int activation = kSiLU;
     float act_threshold = 0.f;  // FATReLU: x if x >= act_threshold, else 0
     float ffn_threshold = -1.f;
+    Linear pred_in, pred_out;  // predictor fc1 (rows) and fc2 (cols), when predicted
+    float pred_threshold = 0.f;
+    bool predicted = false;
   };
 
   static void set_threshold(Linear& l, double t, const char* what) {
@@ -381,13 +406,15 @@ class Decoder {
 
   void allocate() {
     const auto opt = embed_.options();
-    const int64_t widest = std::max({d_, ff_, (heads_ + 2 * kv_heads_) * head_dim_});
+    const int64_t widest = std::max({d_, ff_, rank_, (heads_ + 2 * kv_heads_) * head_dim_});
     x_ = torch::zeros({d_}, opt);
     h_ = torch::zeros({widest}, opt);
     qkv_ = torch::zeros({(heads_ + 2 * kv_heads_) * head_dim_}, opt);
     att_ = torch::zeros({heads_ * head_dim_}, opt);
     gate_ = torch::zeros({ff_}, opt);
     up_ = torch::zeros({ff_}, opt);
+    logits_ = torch::zeros({ff_}, opt);
+    z_ = torch::zeros({std::max<int64_t>(rank_, 1)}, opt);
     scores_ = torch::zeros({heads_, max_len_}, opt);
     scratch_.reserve(widest, std::max(widest, ff_));
   }
@@ -486,6 +513,11 @@ class Decoder {
     float* up = up_.data_ptr<float>();
     const int64_t n = l.gate.out;
     rms_norm(x, l.post_norm.data_ptr<float>(), h);
+    if (l.predicted) {
+      predicted_ffn(l, h);
+      for (int64_t c = 0; c < d_; ++c) x[c] += h[c];
+      return;
+    }
     product(l.gate, h, gate, scratch_);
     for (int64_t j = 0; j < n; ++j) gate[j] = activation(l, gate[j]);
     if (l.ffn_threshold >= 0) {
@@ -508,12 +540,41 @@ class Decoder {
     for (int64_t c = 0; c < d_; ++c) x[c] += h[c];
   }
 
-  torch::Tensor embed_, final_norm_, cos_, sin_, x_, h_, qkv_, att_, gate_, up_, scores_;
+  // The FFN of a predicted layer on its normed input h, the result left in h.
+  void predicted_ffn(Layer& l, float* h) {
+    float* logits = logits_.data_ptr<float>();
+    float* up = up_.data_ptr<float>();
+    float* gate = gate_.data_ptr<float>();
+    std::vector<int32_t>& index = scratch_.index;
+    const int64_t n = l.gate.out;
+    product(l.pred_in, h, z_.data_ptr<float>(), scratch_);
+    product(l.pred_out, z_.data_ptr<float>(), logits, scratch_);
+    int64_t k = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      if (logits[j] > l.pred_threshold) index[k++] = static_cast<int32_t>(j);
+    }
+    rows_listed(l.gate.weight.data_ptr<float>(), h, l.gate.in, index.data(), k, logits);  // logits[m]: unit index[m]
+    int64_t active = 0;
+    for (int64_t m = 0; m < k; ++m) {
+      const float a = activation(l, logits[m]);
+      if (a != 0.f) {
+        index[active] = index[m];
+        logits[active++] = a;
+      }
+    }
+    scratch_.used += active;
+    scratch_.total += n;
+    rows_listed(l.up.weight.data_ptr<float>(), h, l.up.in, index.data(), active, up);
+    for (int64_t m = 0; m < active; ++m) gate[index[m]] = logits[m] * up[m];
+    cols_listed(l.down, gate, index.data(), active, h, scratch_);
+  }
+
+  torch::Tensor embed_, final_norm_, cos_, sin_, x_, h_, qkv_, att_, gate_, up_, logits_, z_, scores_;
   Linear lm_head_;
   std::vector<Layer> layers_;
   Scratch scratch_;
   double embed_scale_, eps_, attn_scale_;
-  int64_t heads_, kv_heads_, head_dim_, window_, vocab_ = 0, d_ = 0, ff_ = 0, max_len_ = 0;
+  int64_t heads_, kv_heads_, head_dim_, window_, vocab_ = 0, d_ = 0, ff_ = 0, max_len_ = 0, rank_ = 0;
   int64_t attention_ns_ = 0, ffn_ns_ = 0, lm_head_ns_ = 0, rest_ns_ = 0, tokens_ = 0;
 };
 
@@ -529,6 +590,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_layer", &Decoder::add_layer)
       .def("set_input_thresholds", &Decoder::set_input_thresholds)
       .def("set_ffn_threshold", &Decoder::set_ffn_threshold)
+      .def("set_predictor", &Decoder::set_predictor)
       .def("step", &Decoder::step, py::call_guard<py::gil_scoped_release>())
       .def("timings", &Decoder::timings)
       .def("reset_timings", &Decoder::reset_timings)
