@@ -247,7 +247,7 @@ def measure(args, model, tokenizer, gguf, models: dict, records: dict) -> dict:
     variants["cats_same_ffn_sparsity"] = {**evaluated(cats_model, evaluation, original),
                                           "skipped_weight_share": threshold_sparsity(cats_model, held_out)[
                                               "model_wide"]}
-    variants["teal_same_share"] = teal_at(share, machine_key())
+    variants["teal_same_share"] = None if args.quick else teal_at(share, machine_key())
 
     tokens, _ = training_text(tokenizer, args.quick)
     predictor_batches = [b[0] for b in lm_eval_batches(tokens[: (64 if args.quick else 16384) + 1], 4,

@@ -284,15 +284,19 @@ def test_a_copy_of_a_predictor_mode_model_has_its_own_predictors(how, path):
 
 
 def test_auto_max_active_is_measured_once_per_machine_and_shape(tmp_path, monkeypatch):
+    """max_active='auto' measures the crossover of the compiled and of the PyTorch sparse path once per FFN shape,
+    keeps the backend sparse for more of the range and uses it, and caches the choice."""
     from leanformer import _tuning
     from leanformer.sparsity import inference
+    from leanformer.sparsity.kernels import backend
 
     monkeypatch.setenv("LEANFORMER_CACHE", str(tmp_path))
     calls = []
+    built = backend(torch.zeros(1)) == "native"
 
-    def counted(ffn, mode="exact", **kwargs):
-        calls.append((ffn.in_features, ffn.hidden_features, mode))
-        return 0.375
+    def counted(ffn, mode="exact", native=True, **kwargs):
+        calls.append((ffn.in_features, ffn.hidden_features, mode, native))
+        return 0.25 if native else 0.375  # here the PyTorch path stays faster for longer
 
     def fresh():
         torch.manual_seed(0)
@@ -300,11 +304,16 @@ def test_auto_max_active_is_measured_once_per_machine_and_shape(tmp_path, monkey
 
     monkeypatch.setattr(inference, "calibrate_max_active", counted)
     first = sparsify_for_inference(fresh())
-    assert len(calls) == 1  # every FFN of one shape: one measurement
+    assert len(calls) == (2 if built else 1)  # every FFN of one shape: one measurement per backend
     assert {r["max_active"] for r in inference_report(first).values()} == {0.375}
+    with torch.no_grad():
+        first(torch.randint(0, 50, (1, 1)))
+    paths = {path for r in inference_report(first).values() for path in r["calls"]}
+    assert "sparse-native" not in paths  # the measured choice runs, not the compiled kernels by default
+    measured = len(calls)
     sparsify_for_inference(fresh())
-    assert len(calls) == 1  # the cached choice: not measured again
-    cached = json.loads(_tuning.cache_path().read_text())["choices"]["sparse_max_active"]
-    assert list(cached.values()) == [{"choice": 0.375}]
+    assert len(calls) == measured  # the cached choice: not measured again
+    cached = json.loads(_tuning.cache_path().read_text())["choices"]["sparse_path"]
+    assert [entry["backend"] for entry in cached.values()] == ["torch"]
     sparsify_for_inference(fresh(), "exact", max_active=0.5)
-    assert len(calls) == 1  # a fixed fraction measures nothing
+    assert len(calls) == measured  # a fixed fraction measures nothing

@@ -13,7 +13,8 @@ from ..sparsity.tune import best_decode_layout
 DESCRIPTION = (
     "leanformer picks fast paths by timing them on the machine that runs them (the compiled decoder's weight "
     "layout per model shape; oneDNN or BLAS for each Linear shape of the backbones; the share of units up to which "
-    "a sparse FFN beats the dense one, sparsify_for_inference's max_active='auto') and caches each choice per CPU "
+    "a sparse FFN beats the dense one and whether the compiled or the PyTorch sparse kernels do it better, "
+    "sparsify_for_inference's max_active='auto') and caches each choice per CPU "
     "(vendor, family, model, flags), torch version and thread count in $LEANFORMER_CACHE/tuning/. A choice is "
     "measured the first time it is needed; this command forgets all of this machine's choices (each is measured "
     "again when next needed), measures the decoder layout for --model (or the shapes given) now, and prints the "

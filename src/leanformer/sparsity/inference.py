@@ -18,8 +18,9 @@ small per-layer predictors so that the gate, up and down projections are all com
 
 A batch of tokens shares one set of units, the union of theirs; when the union is larger than ``max_active``
 (a fraction of the hidden units) the layer runs dense. ``max_active="auto"`` measures, for each FFN shape on
-this machine, the largest active fraction at which the sparse path is still faster than the dense one, once per
-machine: the result is cached (`leanformer._tuning`; `leanformer tune` forgets it).
+this machine, the largest active fraction at which the sparse path is still faster than the dense one, for the
+compiled kernels and for the PyTorch sparse path, and keeps the better of the two, once per machine: the result
+is cached (`leanformer._tuning`; `leanformer tune` forgets it).
 Each swapped module counts which path ran (`inference_report`); nothing falls back silently. Under autocast
 (bf16 or fp16, CPU or GPU) the sparse products run in autocast's dtype as the dense layers would; only inputs
 whose dtype differs from the weights' without autocast run dense (and torch raises its own error).
@@ -93,7 +94,8 @@ class SparseGatedFFN(nn.Module, _CountsPaths):
     autocast's dtype, as the Linears would.
     """
 
-    def __init__(self, ffn: FFN, mode: str = "exact", predictor: nn.Module | None = None, max_active: float = 1.0):
+    def __init__(self, ffn: FFN, mode: str = "exact", predictor: nn.Module | None = None, max_active: float = 1.0,
+                 native: bool = True):
         super().__init__()
         names = _gated_layout(ffn)
         if names is None:
@@ -101,7 +103,7 @@ class SparseGatedFFN(nn.Module, _CountsPaths):
         for role, attr in names.items():
             self.add_module(attr, {"gate": ffn.gate, "up": ffn.up, "down": ffn.down, "act": ffn.act}[role])
         self._roles = tuple(names[role] for role in ("gate", "up", "down", "act"))  # attribute names, in this order
-        self.mode, self.max_active = mode, max_active
+        self.mode, self.max_active, self.native = mode, max_active, native
         # not registered as a submodule: the predictor is not part of the model's weights (state_dict)
         object.__setattr__(self, "predictor", predictor)
         _neuron_major(ffn.down)
@@ -116,7 +118,7 @@ class SparseGatedFFN(nn.Module, _CountsPaths):
         if dtype is not None:
             tokens = tokens.to(dtype)
             run = self._exact if self.mode == "exact" else self._predicted
-            out, a, count, path = run(tokens, gate, up, down, act, int(self.max_active * hidden))
+            out, a, count, path = run(tokens, gate, up, down, act, int(self.max_active * hidden), self.native)
         if out is None:
             self._count("dense", hidden, hidden)
             if a is None:
@@ -128,23 +130,23 @@ class SparseGatedFFN(nn.Module, _CountsPaths):
         return out.reshape(*x.shape[:-1], down.out_features)
 
     @staticmethod
-    def _exact(tokens, gate, up, down, act, limit: int) -> tuple:
+    def _exact(tokens, gate, up, down, act, limit: int, native: bool) -> tuple:
         """(out or None, act(gate(x)) if computed, active units, backend): gate dense, up and down sparse."""
         threshold = _fusable_threshold(act)
         a = gate(tokens) if threshold is not None else act(gate(tokens))
-        out, count, path = gated_down(tokens, a, up.weight, up.bias, down.weight.t(), limit, threshold)
+        out, count, path = gated_down(tokens, a, up.weight, up.bias, down.weight.t(), limit, threshold, native)
         if out is None and threshold is not None:
             a = act(a)
         return out, a, count, path
 
-    def _predicted(self, tokens, gate, up, down, act, limit: int) -> tuple:
+    def _predicted(self, tokens, gate, up, down, act, limit: int, native: bool) -> tuple:
         """(out or None, None, predicted units, backend): gate, up and down for the predicted units only."""
         index = self.predictor.predict(tokens).any(0).nonzero().squeeze(1)
         if index.numel() > limit:
             return None, None, index.numel(), "torch"
-        path = backend(tokens, gate.weight, up.weight, down.weight)
-        h = act(_gathered(tokens, gate, index)) * _gathered(tokens, up, index)
-        return scatter_matmul(h, down.weight.t(), index), None, index.numel(), path
+        path = backend(tokens, gate.weight, up.weight, down.weight, native=native)
+        h = act(_gathered(tokens, gate, index, native)) * _gathered(tokens, up, index, native)
+        return scatter_matmul(h, down.weight.t(), index, native), None, index.numel(), path
 
 
 class _SparseInput(_CountsPaths):
@@ -158,7 +160,8 @@ class _SparseInput(_CountsPaths):
         dtype = None if tokens is None else _compute_dtype(tokens, weight_t)
         out = None
         if dtype is not None:
-            out, count, path = input_sparse_down(tokens.to(dtype), weight_t, int(self.max_active * hidden))
+            out, count, path = input_sparse_down(tokens.to(dtype), weight_t, int(self.max_active * hidden),
+                                                 self.native)
         if out is None:
             self._count("dense", hidden, hidden)
             return self._dense(h)
@@ -171,12 +174,12 @@ class _SparseInput(_CountsPaths):
 class SparseInputLinear(_SparseInput, nn.Linear):
     """The down Linear of an FFN, skipping the input units that are zero for every token of the call."""
 
-    def __init__(self, linear: nn.Linear, max_active: float = 1.0):
+    def __init__(self, linear: nn.Linear, max_active: float = 1.0, native: bool = True):
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         _neuron_major(linear)
         self.weight, self.bias = linear.weight, linear.bias
-        self.max_active = max_active
+        self.max_active, self.native = max_active, native
         self._reset_counts()
 
     def _tokens(self, h: torch.Tensor) -> torch.Tensor:
@@ -198,11 +201,11 @@ class SparseInputConv1D(_SparseInput, nn.Module):
 
     projection_kind = "Conv1D"  # read as the layer it replaces
 
-    def __init__(self, conv: nn.Module, max_active: float = 1.0):
+    def __init__(self, conv: nn.Module, max_active: float = 1.0, native: bool = True):
         nn.Module.__init__(self)
         self.nx, self.nf = conv.weight.shape
         self.weight, self.bias = conv.weight, conv.bias
-        self.max_active = max_active
+        self.max_active, self.native = max_active, native
         self._reset_counts()
 
     def _tokens(self, h: torch.Tensor) -> torch.Tensor:
@@ -231,13 +234,13 @@ class SparseInputConv2d(_SparseInput, nn.Conv2d):
     """The 1x1 Conv2d down projection of an FFN on NCHW maps (timm ConvMlp, Mlp(use_conv=True)), skipping the
     channels that are zero at every position of the call; an unbatched (C, H, W) input runs dense."""
 
-    def __init__(self, conv: nn.Conv2d, max_active: float = 1.0):
+    def __init__(self, conv: nn.Conv2d, max_active: float = 1.0, native: bool = True):
         nn.Module.__init__(self)
         for attr in _CONV2D_ATTRIBUTES:
             setattr(self, attr, getattr(conv, attr))
         _neuron_major(conv)
         self.weight, self.bias = conv.weight, conv.bias
-        self.max_active = max_active
+        self.max_active, self.native = max_active, native
         self._reset_counts()
 
     def _tokens(self, h: torch.Tensor) -> torch.Tensor | None:
@@ -258,8 +261,8 @@ class SparseInputConv2d(_SparseInput, nn.Conv2d):
 _SPARSE_DOWN = {"Linear": SparseInputLinear, "Conv1D": SparseInputConv1D, "Conv2d": SparseInputConv2d}
 
 
-def _gathered(tokens: torch.Tensor, linear: nn.Linear, index: torch.Tensor) -> torch.Tensor:
-    out = gather_matmul(tokens, linear.weight, index)
+def _gathered(tokens: torch.Tensor, linear: nn.Linear, index: torch.Tensor, native: bool) -> torch.Tensor:
+    out = gather_matmul(tokens, linear.weight, index, native)
     return out if linear.bias is None else out + linear.bias[index].to(out.dtype)
 
 
@@ -340,13 +343,13 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 @torch.no_grad()
 def calibrate_max_active(ffn: FFN, mode: str = "exact", fractions: Iterable[float] = _CALIBRATION_FRACTIONS,
-                         runs: int = 5) -> float:
+                         runs: int = 5, native: bool = True) -> float:
     """Largest fraction of active units at which ``mode``'s sparse path of ``ffn`` beats its dense one here (batch 1).
 
     Times, with ``ffn``'s own weights and random active sets, the dense FFN against the sparse path at each
     fraction (in increasing order) and stops at the first fraction where sparse is not faster. In predictor mode
     the predictor itself is left out: it has run before the choice is made. Returns 0.0 when sparse never pays
-    (every call then runs dense).
+    (every call then runs dense). ``native=False`` times the PyTorch sparse path instead of the compiled one.
     """
     gated = _gated_layout(ffn) is not None
     _neuron_major(ffn.down)
@@ -364,14 +367,15 @@ def calibrate_max_active(ffn: FFN, mode: str = "exact", fractions: Iterable[floa
         keep = torch.zeros(1, hidden, dtype=torch.bool, device=weight.device)
         keep[0, torch.randperm(hidden, device=weight.device)[: max(1, int(fraction * hidden))]] = True
         if not gated:
-            sparse = lambda kept=h * keep: input_sparse_down(kept, weight.t(), hidden)
+            sparse = lambda kept=h * keep: input_sparse_down(kept, weight.t(), hidden, native)
         elif mode == "exact":
             sparse = lambda keep=keep: gated_down(
-                x, F.linear(x, gate_weight) * keep, up_weight, None, weight.t(), hidden)
+                x, F.linear(x, gate_weight) * keep, up_weight, None, weight.t(), hidden, native=native)
         else:
             index = keep[0].nonzero().squeeze(1)
             sparse = lambda index=index: scatter_matmul(
-                gather_matmul(x, gate_weight, index) * gather_matmul(x, up_weight, index), weight.t(), index)
+                gather_matmul(x, gate_weight, index, native) * gather_matmul(x, up_weight, index, native),
+                weight.t(), index, native)
         if time_interleaved({"sparse": sparse}, runs)["sparse"]["median_s"] >= dense_time:
             break
         best = fraction
@@ -381,15 +385,27 @@ def calibrate_max_active(ffn: FFN, mode: str = "exact", fractions: Iterable[floa
 _SPARSE_KERNELS = source_digest("sparse_ffn")
 
 
-def _measured_max_active(ffn: FFN, mode: str, gated: bool) -> float:
-    """`calibrate_max_active` for this FFN's shape, measured once per machine on the CPU and cached (`_tuning`),
-    keyed by everything the crossover depends on: mode, layout, shape, dtype, backend and the kernels' source."""
+def _measured_sparse_path(ffn: FFN, mode: str, gated: bool) -> tuple[float, bool]:
+    """(max_active, native) for this FFN's shape: `calibrate_max_active` of the compiled and of the PyTorch sparse
+    path, the one sparse for more of the range kept (the compiled one on a tie). Measured once per machine on the
+    CPU and cached (`_tuning`), keyed by everything the crossover depends on: mode, layout, shape, dtype, whether
+    the kernels are built and their source."""
     weight = ffn.weight("down")
-    if weight.device.type != "cpu":  # the machine key describes the CPU only
-        return calibrate_max_active(ffn, mode)
+    if weight.device.type != "cpu":  # the machine key describes the CPU only; off the CPU only PyTorch runs
+        return calibrate_max_active(ffn, mode), True
+    built = backend(weight.detach()) == "native"
     key = (f"{mode}/{'gated' if gated else 'plain'}/{ffn.in_features}x{ffn.hidden_features}x{ffn.out_features}/"
-           f"{str(weight.dtype).removeprefix('torch.')}/{backend(weight.detach())}@{_SPARSE_KERNELS}")
-    return float(tuned("sparse_max_active", key, lambda: {"choice": calibrate_max_active(ffn, mode)})["choice"])
+           f"{str(weight.dtype).removeprefix('torch.')}/{'native' if built else 'torch'}@{_SPARSE_KERNELS}")
+
+    def measure() -> dict:
+        crossover = {"torch": calibrate_max_active(ffn, mode, native=False)}
+        if built:
+            crossover["native"] = calibrate_max_active(ffn, mode)
+        fastest = max(crossover, key=lambda name: (crossover[name], name == "native"))
+        return {"choice": crossover[fastest], "backend": fastest, "crossover_by_backend": crossover}
+
+    entry = tuned("sparse_path", key, measure)
+    return float(entry["choice"]), entry["backend"] == "native"
 
 
 def sparsify_for_inference(model: nn.Module, mode: str = "exact", predictors=None, *,
@@ -411,20 +427,21 @@ def sparsify_for_inference(model: nn.Module, mode: str = "exact", predictors=Non
     ffns = find_ffns(model, specs)
     refuse_fused_experts(ffns, "sparsify_for_inference", _EXPERTS_REASON)
     _validate(model, ffns, mode, predictors, specs)
-    calibrated: dict[tuple, float] = {}
+    calibrated: dict[tuple, tuple[float, bool]] = {}
     for ffn in ffns:
         gated = _gated_layout(ffn) is not None
-        limit = max_active
+        limit, native = max_active, True
         if max_active == "auto":
             key = (gated, ffn.in_features, ffn.hidden_features, ffn.out_features, ffn.down.weight.dtype)
             if key not in calibrated:
-                calibrated[key] = _measured_max_active(ffn, mode, gated)
-            limit = calibrated[key]
+                calibrated[key] = _measured_sparse_path(ffn, mode, gated)
+            limit, native = calibrated[key]
         if gated:
-            _replace(model, ffn.name, SparseGatedFFN(ffn, mode, predictors[ffn.name] if predictors else None, limit))
+            _replace(model, ffn.name, SparseGatedFFN(ffn, mode, predictors[ffn.name] if predictors else None, limit,
+                                                     native))
         else:
             down_name = next(name for name, module in ffn.module.named_modules() if module is ffn.down)
-            _replace(ffn.module, down_name, _SPARSE_DOWN[layer_kind(ffn.down).name](ffn.down, limit))
+            _replace(ffn.module, down_name, _SPARSE_DOWN[layer_kind(ffn.down).name](ffn.down, limit, native))
     return model
 
 

@@ -16,8 +16,9 @@ also say which backend ran, so a caller can report it without asking again:
 
 The compiled CPU kernels (csrc/sparse_ffn.cpp) read each selected row once, in place; the PyTorch path
 (``index_select`` + matmul for the gather, ``embedding_bag`` with per-sample weights for the scatter) is the
-reference and the fallback for other devices, dtypes, autograd, or ``LEANFORMER_NATIVE=0``. `backend` says
-which one a call takes, so callers can report what ran.
+reference and the fallback for other devices, dtypes, autograd, or ``LEANFORMER_NATIVE=0``; ``native=False``
+asks for it where the compiled kernels turn out slower (`sparsify_for_inference` measures which is faster on the
+machine). `backend` says which one a call takes, so callers can report what ran.
 """
 
 from __future__ import annotations
@@ -41,8 +42,11 @@ class SparseCall(NamedTuple):
     backend: str
 
 
-def backend(*tensors: torch.Tensor) -> str:
-    """"native" if the compiled kernels take these tensors (CPU fp32, no autograd, built), else "torch"."""
+def backend(*tensors: torch.Tensor, native: bool = True) -> str:
+    """"native" if the compiled kernels take these tensors (CPU fp32, no autograd, built) and ``native``, else
+    "torch"."""
+    if not native:
+        return "torch"
     grad = torch.is_grad_enabled()
     for t in tensors:  # a plain loop: this runs on every FFN call of a decode step
         if not t.is_cpu or t.dtype != torch.float32 or (grad and t.requires_grad):
@@ -63,16 +67,17 @@ def _rows(weight: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torc
     return weight.index_select(0, index).to(dtype)
 
 
-def gather_matmul(x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def gather_matmul(x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, native: bool = True) -> torch.Tensor:
     """``x @ weight[index].T``: rows ``index`` of a Linear's (out, in) weight applied to x (b, in) -> (b, k),
     computed in x's dtype (the selected rows are cast to it)."""
     _check(x, weight, index, "gather_matmul")
-    if backend(x, weight) == "native":
+    if backend(x, weight, native=native) == "native":
         return _native_kernels("sparse_ffn").gather_matmul(x.contiguous(), weight.contiguous(), index.contiguous())
     return x @ _rows(weight, index, x.dtype).T
 
 
-def scatter_matmul(h: torch.Tensor, weight_t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def scatter_matmul(h: torch.Tensor, weight_t: torch.Tensor, index: torch.Tensor, native: bool = True
+                   ) -> torch.Tensor:
     """``h @ weight_t[index]``: the down projection from the k active units h (b, k) -> (b, m).
 
     ``weight_t`` is the down Linear's weight transposed to (hidden, out), neuron-major, so a unit's
@@ -82,7 +87,7 @@ def scatter_matmul(h: torch.Tensor, weight_t: torch.Tensor, index: torch.Tensor)
     _check(h, weight_t, index, "scatter_matmul")
     if h.shape[1] != index.numel():
         raise ValueError(f"scatter_matmul: h has {h.shape[1]} columns for {index.numel()} indices")
-    if backend(h, weight_t) == "native":
+    if backend(h, weight_t, native=native) == "native":
         return _native_kernels("sparse_ffn").scatter_matmul(h.contiguous(), weight_t.contiguous(),
                                                             index.contiguous())
     if index.numel() == 0:
@@ -99,14 +104,16 @@ def active_units(a: torch.Tensor) -> torch.Tensor:
 
 
 def gated_down(x: torch.Tensor, a: torch.Tensor, up_weight: torch.Tensor, up_bias: torch.Tensor | None,
-               weight_t: torch.Tensor, max_units: int, threshold: float | None = None) -> SparseCall:
+               weight_t: torch.Tensor, max_units: int, threshold: float | None = None, native: bool = True
+               ) -> SparseCall:
     """``(a * (x @ up_weight.T + up_bias)) @ weight_t`` over the active units of ``a``; ``out`` is None if
     more than ``max_units`` are active.
 
     With ``threshold``, ``a`` is the gate's output before a FATReLU/ReLU at that threshold, which is applied
     here (fused: one pass over ``a`` fewer, one tensor fewer at batch 1).
     """
-    if backend(x, a, up_weight, weight_t) == "native" and (up_bias is None or up_bias.dtype == torch.float32):
+    if backend(x, a, up_weight, weight_t, native=native) == "native" and (
+            up_bias is None or up_bias.dtype == torch.float32):
         out, count = _native_kernels("sparse_ffn").gated_down(
             x.contiguous(), a.contiguous(), up_weight.contiguous(),
             None if up_bias is None else up_bias.contiguous(), weight_t.contiguous(), max_units, threshold)
@@ -116,19 +123,21 @@ def gated_down(x: torch.Tensor, a: torch.Tensor, up_weight: torch.Tensor, up_bia
     index = active_units(a)
     if index.numel() > max_units:
         return SparseCall(None, index.numel(), "torch")
-    up = gather_matmul(x, up_weight, index)
+    up = gather_matmul(x, up_weight, index, native=native)
     if up_bias is not None:
         up = up + up_bias[index].to(up.dtype)
-    return SparseCall(scatter_matmul(a.index_select(1, index) * up, weight_t, index), index.numel(), "torch")
+    return SparseCall(scatter_matmul(a.index_select(1, index) * up, weight_t, index, native=native), index.numel(),
+                      "torch")
 
 
-def input_sparse_down(h: torch.Tensor, weight_t: torch.Tensor, max_units: int) -> SparseCall:
+def input_sparse_down(h: torch.Tensor, weight_t: torch.Tensor, max_units: int, native: bool = True) -> SparseCall:
     """``h @ weight_t`` over the units nonzero for some token of ``h`` (tokens, units); ``out`` is None if
     more than ``max_units`` are."""
-    if backend(h, weight_t) == "native":
+    if backend(h, weight_t, native=native) == "native":
         out, count = _native_kernels("sparse_ffn").input_sparse_down(h.contiguous(), weight_t.contiguous(), max_units)
         return SparseCall(out, count, "native")
     index = active_units(h)
     if index.numel() > max_units:
         return SparseCall(None, index.numel(), "torch")
-    return SparseCall(scatter_matmul(h.index_select(1, index), weight_t, index), index.numel(), "torch")
+    return SparseCall(scatter_matmul(h.index_select(1, index), weight_t, index, native=native), index.numel(),
+                      "torch")
