@@ -24,9 +24,9 @@ from leanformer._io import write_json_atomic
 from leanformer.models._linear import set_fast_linear
 
 try:
-    from benchmarks._common import RESULTS, machine_info, time_interleaved
+    from benchmarks._common import RESULTS, machine_info, results_file, time_interleaved
 except ImportError:  # run as a script from the benchmarks folder
-    from _common import RESULTS, machine_info, time_interleaved
+    from _common import RESULTS, machine_info, results_file, time_interleaved
 
 SWIN = "swin_tiny_patch4_window7_224"
 QUICK = dict(img_size=64, embed_dim=24, depths=(2, 2, 2, 2), num_heads=(1, 2, 3, 4), window_size=4)
@@ -124,8 +124,9 @@ def main(argv: list[str] | None = None) -> dict:
             for mode in ("forward", "forward_backward")}
         for n in result["models"] if "swin" in n and not n.startswith("timm")
     }
-    write_json_atomic(args.out / "backbones.json", result)
-    plot(result, args.out / "backbones.png")
+    path = results_file(args.out, "backbones")
+    write_json_atomic(path, result)
+    plot(result, path.with_suffix(".png"))
     for name, ratios in result["speedup_vs_timm"].items():
         print(f"{name:<36} forward {ratios['forward']:.2f}x  forward+backward {ratios['forward_backward']:.2f}x timm")
     ms = result["models"]["leanformer msmlp_tiny"]

@@ -37,9 +37,9 @@ from leanformer import TrainConfig, Trainer, apply_topk, find_ffns, load_data, m
 from leanformer._io import write_json_atomic
 
 try:
-    from benchmarks._common import RESULTS, machine_info
+    from benchmarks._common import RESULTS, machine_info, results_file
 except ImportError:  # run as a script from the benchmarks folder
-    from _common import RESULTS, machine_info
+    from _common import RESULTS, machine_info, results_file
 
 DEFAULT_KS = (4, 8, 16, 32)
 
@@ -238,8 +238,9 @@ def main(argv: list[str] | None = None) -> dict:
     for entry in result["variants"].values():
         entry["points_vs_relu"] = 100 * (entry["mean_final_val_acc"] - relu)
     result["wall_seconds"] = round(time.perf_counter() - started, 1)
-    write_json_atomic(args.out / "lazy_neuron.json", result)
-    plot(result, args.out / "lazy_neuron.png")
+    path = results_file(args.out, "lazy_neuron")
+    write_json_atomic(path, result)
+    plot(result, path.with_suffix(".png"))
     return result
 
 

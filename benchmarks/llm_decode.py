@@ -36,7 +36,6 @@ import torch
 
 from leanformer._io import atomic_write, write_json_atomic
 from leanformer._loading import cache_root, causal_lm_folder
-from leanformer._tuning import machine_key
 from leanformer.data.text import lm_eval_batches
 from leanformer.sparsity import DecodeConfig, ThresholdConfig, calibrate_thresholds, fast_decoder, threshold_sparsity
 from leanformer.sparsity.decode import weight_bytes_per_token
@@ -45,10 +44,10 @@ from leanformer.sparsity.tune import best_decode_layout
 
 try:
     from benchmarks import _llama_cpp
-    from benchmarks._common import RESULTS, machine_info
+    from benchmarks._common import RESULTS, machine_info, results_file
 except ImportError:  # run as a script from the benchmarks folder
     import _llama_cpp
-    from _common import RESULTS, machine_info
+    from _common import RESULTS, machine_info, results_file
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -65,7 +64,7 @@ def parse_args(argv):
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=RESULTS / "llm_decode")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results folder (a file per machine in llm_decode/)")
     return p.parse_args(argv)
 
 
@@ -290,7 +289,7 @@ def main(argv=None) -> dict:
                "prompt": PROMPT, "prompt_tokens": len(prompt), "new_tokens": new, "runs": runs,
                "threads": args.threads, "weight_bytes_per_token": weight_bytes, "read_bandwidth_gb_s": bandwidth / 1e9,
                "machine": machine_info(), "summary": summary, "variants": variants}
-    out = args.out / f"{machine_key()}.json"
+    out = results_file(args.out, "llm_decode")
     write_json_atomic(out, payload)
     plot(payload, out.with_suffix(".png"))
     atomic_write(out.with_suffix(".md"), lambda tmp: Path(tmp).write_text(markdown(payload)))

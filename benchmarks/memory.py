@@ -42,9 +42,9 @@ from leanformer._process import current_rss_mb, peak_rss_mb, reset_peak_rss
 from leanformer.memory import CompressionConfig, compress_activations, saved_activation_bytes
 
 try:
-    from benchmarks._common import RESULTS, machine_info
+    from benchmarks._common import RESULTS, machine_info, results_file
 except ImportError:  # run as a script from the benchmarks folder
-    from _common import RESULTS, machine_info
+    from _common import RESULTS, machine_info, results_file
 
 MODELS = ("swin_tiny_patch4_window7_224", "msmlp_tiny")
 VARIANTS = ("exact", "int8", "int4", "checkpoint")
@@ -214,8 +214,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         for variant, row in rows.items():
             print(f"{name:<30} {variant:<10} " + "  ".join(
                 f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)))
-    write_json_atomic(args.out / "memory.json", result)
-    plot(result, args.out / "memory.png")
+    path = results_file(args.out, "memory")
+    write_json_atomic(path, result)
+    plot(result, path.with_suffix(".png"))
     return result
 
 

@@ -20,9 +20,9 @@ from leanformer import TrainConfig, Trainer
 from leanformer._io import write_json_atomic
 
 try:
-    from benchmarks._common import RESULTS, machine_info
+    from benchmarks._common import RESULTS, machine_info, results_file
 except ImportError:  # run as a script from the benchmarks folder
-    from _common import RESULTS, machine_info
+    from _common import RESULTS, machine_info, results_file
 
 MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 VARIANTS = ("none", "int8", "int4")
@@ -62,7 +62,7 @@ def plot(result: dict, path: Path) -> None:
 
 def _earlier_tasks(out: Path, quick: bool) -> dict:
     """Results of tasks from an earlier run of the same kind, kept when only some tasks are rerun."""
-    path = out / "memory_accuracy.json"
+    path = results_file(out, "memory_accuracy")
     if not path.is_file():
         return {}
     earlier = json.loads(path.read_text())
@@ -90,8 +90,9 @@ def main(argv: list[str] | None = None) -> dict:
             entry = result["tasks"][task][variant]
             entry["points_vs_exact"] = 100 * (entry["mean_final_val_acc"] - exact)
             print(f"{task:<7} {variant:<5} {entry['points_vs_exact']:+.2f} points vs exact (mean of seeds)")
-    write_json_atomic(args.out / "memory_accuracy.json", result)
-    plot(result, args.out / "memory_accuracy.png")
+    path = results_file(args.out, "memory_accuracy")
+    write_json_atomic(path, result)
+    plot(result, path.with_suffix(".png"))
     return result
 
 

@@ -48,9 +48,9 @@ from leanformer._io import write_json_atomic
 from leanformer.train.optim import lr_at, set_lr
 
 try:
-    from benchmarks._common import RESULTS, machine_info
+    from benchmarks._common import RESULTS, machine_info, results_file
 except ImportError:  # run as a script from the benchmarks folder
-    from _common import RESULTS, machine_info
+    from _common import RESULTS, machine_info, results_file
 
 SST2 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sst2"
 MIN_WORDS = 6
@@ -345,8 +345,9 @@ def main(argv: list[str] | None = None) -> dict:
         training = distill(student, tokenizer, distill_sentences, targets, args, lam, args.seed)
         record(name, student, {"distillation": training})
     result["wall_seconds"] = round(time.perf_counter() - started, 1)
-    write_json_atomic(args.out / "minilm_relufy.json", result)
-    plot(result, args.out / "minilm_relufy.png")
+    path = results_file(args.out, "minilm_relufy")
+    write_json_atomic(path, result)
+    plot(result, path.with_suffix(".png"))
     return result
 
 

@@ -39,9 +39,9 @@ from leanformer.sparsity.regularize import PROSPARSE_7B, ProSparseSchedule
 from leanformer.train.optim import build_optimizer, lr_at, set_lr
 
 try:
-    from benchmarks._common import RESULTS, machine_info
+    from benchmarks._common import RESULTS, machine_info, results_file
 except ImportError:  # run as a script from the benchmarks folder
-    from _common import RESULTS, machine_info
+    from _common import RESULTS, machine_info, results_file
 
 TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 THRESHOLDS = (0.0, 0.005, 0.01, 0.02, 0.05)
@@ -262,8 +262,9 @@ def main(argv: list[str] | None = None) -> dict:
     result["matched"] = matched_comparison(result["variants"], args.seeds)
     print(f"ProSparse perplexity / constant-λ perplexity at the same sparsity: {result['matched']}", flush=True)
     result["seconds"] = time.perf_counter() - started
-    write_json_atomic(args.out / "prosparse_lm.json", result)
-    plot(result, args.out / "prosparse_lm.png")
+    path = results_file(args.out, "prosparse_lm")
+    write_json_atomic(path, result)
+    plot(result, path.with_suffix(".png"))
     return result
 
 

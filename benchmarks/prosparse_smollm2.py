@@ -42,7 +42,6 @@ from tqdm import tqdm
 
 from leanformer._io import atomic_write, write_json_atomic
 from leanformer._loading import cache_root
-from leanformer._tuning import machine_key
 from leanformer.data.text import lm_batches, lm_eval_batches
 from leanformer.sparsity import (
     DecodeConfig,
@@ -63,11 +62,11 @@ from leanformer.train.optim import build_optimizer, lr_at, set_lr
 
 try:
     from benchmarks import _llama_cpp, llm_decode
-    from benchmarks._common import RESULTS, machine_info
+    from benchmarks._common import RESULTS, machine_info, results_file
 except ImportError:  # run as a script from the benchmarks folder
     import _llama_cpp
     import llm_decode
-    from _common import RESULTS, machine_info
+    from _common import RESULTS, machine_info, results_file
 
 
 def parse_args(argv):
@@ -86,7 +85,8 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--train-only", action="store_true", help="train and cache the two models, measure nothing")
     p.add_argument("--retrain", action="store_true", help="train again even if the cache holds these models")
-    p.add_argument("--out", type=Path, default=RESULTS / "prosparse_smollm2")
+    p.add_argument("--out", type=Path, default=RESULTS,
+                   help="results folder (a file per machine in prosparse_smollm2/)")
     return p.parse_args(argv)
 
 
@@ -201,10 +201,10 @@ def relu_skip_share(model, report) -> float:
     return skipped / blocks
 
 
-def teal_at(share: float, machine: str) -> dict | None:
+def teal_at(share: float) -> dict | None:
     """TEAL (greedy) perplexity change at ``share`` of weight reads skipped, interpolated between the levels this
     machine's llm_decode run measured; None without such a run or outside its range."""
-    path = RESULTS / "llm_decode" / f"{machine}.json"
+    path = results_file(RESULTS, "llm_decode")
     if not path.exists():
         return None
     variants = json.loads(path.read_text())["variants"]
@@ -247,7 +247,7 @@ def measure(args, model, tokenizer, gguf, models: dict, records: dict) -> dict:
     variants["cats_same_ffn_sparsity"] = {**evaluated(cats_model, evaluation, original),
                                           "skipped_weight_share": threshold_sparsity(cats_model, held_out)[
                                               "model_wide"]}
-    variants["teal_same_share"] = None if args.quick else teal_at(share, machine_key())
+    variants["teal_same_share"] = None if args.quick else teal_at(share)
 
     tokens, _ = training_text(tokenizer, args.quick)
     predictor_batches = [b[0] for b in lm_eval_batches(tokens[: (64 if args.quick else 16384) + 1], 4,
@@ -376,7 +376,7 @@ def main(argv=None) -> dict:
     if args.train_only:
         return records
     payload = measure(args, model, tokenizer, gguf, models, records)
-    out = args.out / f"{machine_key()}.json"
+    out = results_file(args.out, "prosparse_smollm2")
     write_json_atomic(out, payload)
     plot(payload, out.with_suffix(".png"))
     atomic_write(out.with_suffix(".md"), lambda tmp: Path(tmp).write_text(markdown(payload)))

@@ -22,9 +22,9 @@ from leanformer._io import write_json_atomic
 from leanformer.memory import quantize as Q
 
 try:
-    from benchmarks._common import RESULTS, machine_info, time_interleaved
+    from benchmarks._common import RESULTS, machine_info, results_file, time_interleaved
 except ImportError:  # run as a script from the benchmarks folder
-    from _common import RESULTS, machine_info, time_interleaved
+    from _common import RESULTS, machine_info, results_file, time_interleaved
 
 
 @contextmanager
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"int{bits} {name:<10} native {1e3 * native:7.2f} ms  reference {1e3 * ref:7.2f} ms  "
                   f"{ref / native:5.1f}x")
         result["bits"][str(bits)] = rows
-    write_json_atomic(args.out / "quantize_kernels.json", result)
+    write_json_atomic(results_file(args.out, "quantize_kernels"), result)
     return result
 
 

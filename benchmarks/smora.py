@@ -30,9 +30,9 @@ from leanformer.train.multitask import FinetuneConfig, MultiTaskClassifier, add_
 from leanformer.train.optim import build_optimizer
 
 try:
-    from benchmarks._common import RESULTS, machine_info, time_interleaved
+    from benchmarks._common import RESULTS, machine_info, results_file, time_interleaved
 except ImportError:  # run as a script from the benchmarks folder
-    from _common import RESULTS, machine_info, time_interleaved
+    from _common import RESULTS, machine_info, results_file, time_interleaved
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TASKS = {  # name: (train file, test file, column overrides)
@@ -84,7 +84,7 @@ def run_accuracy(args: argparse.Namespace, tasks, results: dict) -> None:
             print(f"{key}: average {100 * result.average_accuracy:.2f}% "
                   f"({', '.join(f'{t} {100 * a:.1f}' for t, a in result.accuracy.items())}) "
                   f"in {time.perf_counter() - started:.0f} s", flush=True)
-            write_json_atomic(args.out / "smora.json", results)
+            write_json_atomic(results_file(args.out, "smora"), results)
 
 
 def time_steps(args: argparse.Namespace, tasks) -> dict:
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
         tasks = load_tasks(args.data, args.max_test)
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                     if k not in ("out", "resume", "progress")}
-        path = args.out / "smora.json"
+        path = results_file(args.out, "smora")
         results = json.loads(path.read_text()) if args.resume and path.is_file() else {}
         if results.get("settings") != settings:
             results = {"settings": settings, "runs": {}}
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
         results["summary"] = summarize(results, args.arms, args.seeds)
         results["seconds_this_session"] = time.perf_counter() - started
         write_json_atomic(path, results)
-        plot(results, args.out / "smora.png")
+        plot(results, path.with_suffix(".png"))
     for arm, row in results["summary"].items():
         acc = row["average_accuracy"]
         print(f"{arm:<22} average {100 * acc['mean']:.2f} ± {100 * acc['std']:.2f}"

@@ -40,9 +40,9 @@ from leanformer.sparsity.regularize import PROSPARSE_7B, ProSparseSchedule
 from leanformer.sparsity.speed import SYNTHETIC_SPECS, synthetic_layers, time_sparse_ffn
 
 try:
-    from benchmarks._common import RESULTS, machine_info
+    from benchmarks._common import RESULTS, machine_info, results_file
 except ImportError:  # run as a script from the benchmarks folder
-    from _common import RESULTS, machine_info
+    from _common import RESULTS, machine_info, results_file
 
 TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
@@ -308,8 +308,9 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.skip_e2e:
         result["end_to_end"] = end_to_end(args)
     result["seconds"] = time.perf_counter() - started
-    write_json_atomic(args.out / "sparse_inference.json", result)
-    plot(result, args.out / "sparse_inference.png")
+    path = results_file(args.out, "sparse_inference")
+    write_json_atomic(path, result)
+    plot(result, path.with_suffix(".png"))
     return result
 
 

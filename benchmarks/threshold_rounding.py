@@ -22,10 +22,10 @@ from leanformer.sparsity import DecodeConfig, ThresholdConfig, calibrate_thresho
 
 try:
     from benchmarks import llm_decode
-    from benchmarks._common import RESULTS, machine_info
+    from benchmarks._common import RESULTS, machine_info, results_file
 except ImportError:  # run as a script from the benchmarks folder
     import llm_decode
-    from _common import RESULTS, machine_info
+    from _common import RESULTS, machine_info, results_file
 
 
 def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
@@ -49,7 +49,7 @@ def main() -> dict:
                "positions": len(sequence), "machine": machine_info(),
                "torch_fp64_vs_torch_fp32": compare(fp64, fp32), "decoder_vs_torch_fp32": compare(decoder, fp32),
                "decoder_vs_torch_fp64": compare(decoder, fp64)}
-    out = RESULTS / "llm_decode" / f"{machine_key()}-rounding.json"
+    out = results_file(RESULTS, "llm_decode").with_name(f"{machine_key()}-rounding.json")
     write_json_atomic(out, payload)
     print(f"wrote {out}")
     for key in ("torch_fp64_vs_torch_fp32", "decoder_vs_torch_fp32", "decoder_vs_torch_fp64"):

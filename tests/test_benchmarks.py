@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from benchmarks._common import results_file
 
 pytest.importorskip("timm")
 pytest.importorskip("matplotlib")
@@ -12,10 +13,10 @@ def test_backbones_benchmark_quick(tmp_path):
     from benchmarks import backbones
 
     result = backbones.main(["--quick", "--batch-size", "2", "--out", str(tmp_path)])
-    saved = json.loads((tmp_path / "backbones.json").read_text())
+    saved = json.loads(results_file(tmp_path, "backbones").read_text())
     assert saved["models"].keys() == result["models"].keys()
     assert saved["max_abs_logit_diff_vs_timm"] < 1e-4
-    assert (tmp_path / "backbones.png").stat().st_size > 0
+    assert results_file(tmp_path, "backbones").with_suffix(".png").stat().st_size > 0
     assert saved["machine"]["torch_threads"] >= 1
 
 
@@ -26,7 +27,7 @@ def test_memory_benchmark_quick(tmp_path):
     result = memory.main(["--quick", "--batch-size", "2", "--steps", "1", "--out", str(tmp_path)])
     swin = result["models"]["swin_tiny_patch4_window7_224"]
     assert swin["int8"]["saved_ratio"] < 0.3 and swin["exact"]["grad_rel_error"] == 0.0
-    assert (tmp_path / "memory.png").stat().st_size > 0
+    assert results_file(tmp_path, "memory").with_suffix(".png").stat().st_size > 0
 
 
 @pytest.mark.slow
@@ -49,7 +50,7 @@ def test_lazy_neuron_benchmark_quick(tmp_path):
     # top-8 keeps at most 8 of the (>= 192) hidden units of every token
     top8 = result["variants"]["relu+top8"]["mean_layer_nonzero_percent"]
     assert all(p <= 100 * 8 / layer["hidden"] + 1e-9 for p, layer in zip(top8, result["layers"], strict=True))
-    assert (tmp_path / "lazy_neuron.png").stat().st_size > 0
+    assert results_file(tmp_path, "lazy_neuron").with_suffix(".png").stat().st_size > 0
 
 
 @pytest.mark.slow
@@ -64,7 +65,7 @@ def test_minilm_relufy_benchmark_quick(tmp_path):
     assert variants["original (GELU)"]["heldout_cosine_mean"] == pytest.approx(1.0)
     assert variants["relufy, no training"]["average_sparsity"] > 0.5  # ReLU zeroes most FFN activations
     assert len(variants["relufy + distill"]["sparsity"]["layers"]) == 6
-    assert (tmp_path / "minilm_relufy.png").stat().st_size > 0
+    assert results_file(tmp_path, "minilm_relufy").with_suffix(".png").stat().st_size > 0
 
 
 @pytest.mark.slow
@@ -74,7 +75,7 @@ def test_prosparse_lm_benchmark_quick(tmp_path):
     result = prosparse_lm.main(["--quick", "--out", str(tmp_path)])
     assert set(result["variants"]) == {"relu", "prosparse", "constant x0.5", "constant x1"}
     assert result["matched"]["per_seed"][0]["seed"] == 0
-    assert (tmp_path / "prosparse_lm.png").is_file()
+    assert results_file(tmp_path, "prosparse_lm").with_suffix(".png").is_file()
 
 
 @pytest.mark.slow
@@ -92,7 +93,7 @@ def test_sparse_inference_benchmark_quick(tmp_path):
     result = sparse_inference.main(["--quick", "--out", str(tmp_path)])
     assert {"exact", "exact-torch", "predictor"} <= set(result["operators"][0])
     assert result["end_to_end"]["decode"]["exact"]["identical_tokens"]
-    assert (tmp_path / "sparse_inference.png").is_file()
+    assert results_file(tmp_path, "sparse_inference").with_suffix(".png").is_file()
 
 
 @pytest.mark.slow
@@ -102,11 +103,11 @@ def test_smora_benchmark_quick(tmp_path):
     from benchmarks import smora
 
     result = smora.main(["--quick", "--arms", "lora_r64,smora_r64_k8", "--out", str(tmp_path)])
-    saved = json.loads((tmp_path / "smora.json").read_text())
+    saved = json.loads(results_file(tmp_path, "smora").read_text())
     assert set(saved["runs"]) == {"lora_r64/seed0", "smora_r64_k8/seed0"}
     assert set(result["summary"]["smora_r64_k8"]["accuracy"]) == {"sst2", "agnews", "trec", "cola"}
     assert result["step_time"]["lora_r64"]["vs_lora_r64"] == 1.0
-    assert (tmp_path / "smora.png").stat().st_size > 0
+    assert results_file(tmp_path, "smora").with_suffix(".png").stat().st_size > 0
 
 
 @pytest.mark.slow
@@ -117,7 +118,8 @@ def test_llm_decode_benchmark_quick(tmp_path):
     variants = result["variants"]
     assert variants["leanformer_dense_rows"]["identical_to_hf"] and variants["leanformer_dense_cols"]["identical_to_hf"]
     assert all(v["identical_to_thresholded_hf"] for n, v in variants.items() if "_teal_" in n or "_cats_" in n)
-    assert list(tmp_path.glob("*.json")) and list(tmp_path.glob("*.png"))
+    saved = results_file(tmp_path, "llm_decode")
+    assert saved.is_file() and saved.with_suffix(".png").is_file()
 
 
 @pytest.mark.slow
@@ -129,4 +131,4 @@ def test_prosparse_smollm2_benchmark_quick(tmp_path):
     assert 0 < variants["prosparse"]["ffn_sparsity"] < 1 and 0 < variants["prosparse"]["skipped_weight_share"] < 1
     assert variants["prosparse_exact"]["agreement"]["identical_prefix"] == result["new_tokens"]
     assert variants["prosparse_predictor"]["computed_fraction"] <= variants["prosparse_exact"]["computed_fraction"]
-    assert {p.suffix for p in tmp_path.iterdir()} == {".json", ".png", ".md"}
+    assert {p.suffix for p in (tmp_path / "prosparse_smollm2").iterdir()} == {".json", ".png", ".md"}
