@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from leanformer.cli.main import main
+
 SHAKESPEARE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
@@ -59,3 +61,13 @@ def lm_text(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("text") / "input.txt"
     path.write_bytes(SHAKESPEARE.read_bytes()[:4096])
     return path
+
+
+@pytest.fixture(scope="session")
+def predictors_dir(relu_dir, lm_text, tmp_path_factory) -> Path:
+    """A copy of the ReLU folder holding the predictors `leanformer predictors` wrote there (its default --out)."""
+    folder = tmp_path_factory.mktemp("with-predictors") / "model"
+    shutil.copytree(relu_dir, folder)
+    assert main(["predictors", "--model", str(folder), "--data", str(lm_text), "--steps", "20", "--batches", "3",
+                 "--seq-len", "32", "--batch-size", "4", "--no-progress", "--json"]) == 0
+    return folder

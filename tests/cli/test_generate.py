@@ -28,16 +28,6 @@ def _pytorch_path(monkeypatch):
     monkeypatch.setenv("LEANFORMER_NATIVE", "0")
 
 
-@pytest.fixture(scope="module")
-def predictors_dir(relu_dir, lm_text, tmp_path_factory) -> Path:
-    """A copy of the ReLU folder holding the predictors `leanformer predictors` wrote there (its default --out)."""
-    folder = tmp_path_factory.mktemp("with-predictors") / "model"
-    shutil.copytree(relu_dir, folder)
-    assert main(["predictors", "--model", str(folder), "--data", str(lm_text), "--steps", "20", "--batches", "3",
-                 "--seq-len", "32", "--batch-size", "4", "--no-progress", "--json"]) == 0
-    return folder
-
-
 def generate_json(capsys, *argv: str) -> dict:
     capsys.readouterr()
     assert main(["generate", *argv, "--json"]) == 0

@@ -59,6 +59,15 @@ def test_compiled_engine_on_a_relu_model_with_compare(relu_dir, capsys):
     assert 0 < result["paths"]["computed_fraction"] < 1
 
 
+@needs_kernels
+def test_compiled_engine_runs_the_predictors(predictors_dir, capsys):
+    result = generate_json(capsys, "--model", str(predictors_dir), "--prompt", PROMPT, "--max-new-tokens", "10",
+                           "--sparse", "predictor", "--compare")
+    assert result["engine"] == "compiled" and isinstance(result["identical_tokens"], bool)
+    exact = generate_json(capsys, "--model", str(predictors_dir), "--prompt", PROMPT, "--max-new-tokens", "10")
+    assert result["paths"]["computed_fraction"] <= exact["paths"]["computed_fraction"]  # predicted ⊆ active
+
+
 def test_auto_engine_says_when_it_falls_back(relu_dir, capsys, monkeypatch):
     monkeypatch.setenv("LEANFORMER_NATIVE", "0")
     result = generate_json(capsys, "--model", str(relu_dir), "--prompt", PROMPT, "--max-new-tokens", "4")
@@ -66,7 +75,7 @@ def test_auto_engine_says_when_it_falls_back(relu_dir, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["generate", "--engine", "compiled", "--sparse", "predictor"], "--engine compiled decodes exactly"),
+    (["generate", "--engine", "compiled", "--sparse", "off"], "--engine compiled decodes sparsely"),
     (["thresholds", "--sparsity", "1.5"], "sparsity"),
     (["thresholds", "--calibration-tokens", "0"], "--calibration-tokens"),
     (["tune", "--shape", "576by1536"], "--shape '576by1536'"),

@@ -39,8 +39,10 @@ DESCRIPTION = (
     "dense model and reports its tokens/s, the speedup and whether the tokens are identical. --engine compiled "
     "decodes LLaMA-family models (LLaMA/SmolLM, Mistral, Qwen2/3, Gemma) with leanformer's compiled decoder instead "
     "of model.generate: every weight streamed once per token, the zero units of ReLU/FATReLU FFNs and the inputs "
-    "zeroed by TEAL/CATS thresholds (`leanformer thresholds`) skipped, same tokens; auto (default) uses it for "
-    "--sparse exact whenever the model is one of those, and says so when it cannot."
+    "zeroed by TEAL/CATS thresholds (`leanformer thresholds`) skipped, same tokens; with --sparse predictor it reads "
+    "only the gate rows of the predicted units (each prompt token predicted on its own, where model.generate "
+    "predicts the prompt's units together); auto (default) uses it for --sparse exact and predictor whenever the "
+    "model is one of those, and says so when it cannot."
 )
 
 
@@ -142,12 +144,12 @@ def decode(model: nn.Module, prompt: torch.Tensor, max_new_tokens: int, desc: st
     return {"tokens": new, "new_tokens": len(new), "seconds": seconds, "tokens_per_s": len(new) / seconds}
 
 
-def compiled_decoder(args: argparse.Namespace, model: nn.Module, max_len: int):
+def compiled_decoder(args: argparse.Namespace, model: nn.Module, max_len: int, predictors: Predictors | None):
     """(the compiled decoder for this run, or None for model.generate; why not, for --engine auto, else None)."""
-    if args.engine == "hf" or args.sparse != "exact":
+    if args.engine == "hf" or args.sparse == "off":
         return None, None
     try:
-        return fast_decoder(model, DecodeConfig(max_len=max_len)), None
+        return fast_decoder(model, DecodeConfig(max_len=max_len), predictors), None
     except (ValueError, RuntimeError) as err:
         if args.engine == "compiled":
             raise ValueError(f"--engine compiled: {err}") from err
@@ -170,8 +172,8 @@ def run(args: argparse.Namespace) -> int:
     max_active = parse_max_active(args.max_active)
     if args.compare and args.sparse == "off":
         raise ValueError("--compare compares sparse with dense decoding: it needs --sparse exact or predictor")
-    if args.engine == "compiled" and args.sparse != "exact":
-        raise ValueError(f"--engine compiled decodes exactly (--sparse exact), not --sparse {args.sparse}: "
+    if args.engine == "compiled" and args.sparse == "off":
+        raise ValueError("--engine compiled decodes sparsely (--sparse exact or predictor), not --sparse off: "
                          "use --engine hf")
     if args.predictors is not None and args.sparse != "predictor":
         raise ValueError(f"--predictors is used by --sparse predictor only (--sparse is {args.sparse})")
@@ -194,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
     with torch.no_grad():
         lm.model(prompt[None])  # warm-up: first-call allocations and kernel selection stay out of the timings
     dense, model = lm.model, lm.model
-    decoder, not_compiled = compiled_decoder(args, dense, len(prompt) + max_new_tokens)
+    decoder, not_compiled = compiled_decoder(args, dense, len(prompt) + max_new_tokens, predictors)
     if decoder is not None:
         result = decode_compiled(decoder, prompt, max_new_tokens, progress)
         paths = {"engine": "compiled", "computed_fraction": decoder.timings()["computed_fraction"]}
