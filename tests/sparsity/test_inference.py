@@ -317,3 +317,15 @@ def test_auto_max_active_is_measured_once_per_machine_and_shape(tmp_path, monkey
     assert [entry["backend"] for entry in cached.values()] == ["torch"]
     sparsify_for_inference(fresh(), "exact", max_active=0.5)
     assert len(calls) == measured  # a fixed fraction measures nothing
+
+
+def test_speed_timing_runs_each_mode_on_its_own_path():
+    """`time_sparse_ffn`'s "exact-torch" times the PyTorch sparse path by asking the modules for it, not by a
+    process-wide switch: "exact" beside it still runs the compiled kernels where they are built."""
+    from leanformer.sparsity.kernels import backend
+    from leanformer.sparsity.speed import time_sparse_ffn
+
+    result = time_sparse_ffn(32, 64, sparsity=0.8, modes=("exact", "exact-torch"), runs=1, layers=2)
+    assert result["exact-torch"]["paths"] == ["sparse-torch"]
+    built = backend(torch.zeros(1)) == "native"
+    assert result["exact"]["paths"] == (["sparse-native"] if built else ["sparse-torch"])

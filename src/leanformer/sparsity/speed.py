@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -118,19 +116,6 @@ def _predictors_for(layers: list[nn.Module], sparsity: float, rank: int | None, 
     return predictors
 
 
-@contextmanager
-def _pytorch_ops_only():
-    previous = os.environ.get("LEANFORMER_NATIVE")
-    os.environ["LEANFORMER_NATIVE"] = "0"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["LEANFORMER_NATIVE"]
-        else:
-            os.environ["LEANFORMER_NATIVE"] = previous
-
-
 @torch.no_grad()
 def time_sparse_ffn(d_model: int, d_ff: int, *, sparsity: float, batch: int = 1, gated: bool = True,
                     modes: tuple[str, ...] = SPEED_MODES, runs: int = 7, layers: int | None = None,
@@ -157,6 +142,10 @@ def time_sparse_ffn(d_model: int, d_ff: int, *, sparsity: float, batch: int = 1,
         predictors = _predictors_for(dense, sparsity, rank, generator) if mode == "predictor" else None
         sparsify_for_inference(model, "predictor" if mode == "predictor" else "exact", predictors, max_active=1.0,
                                specs=SYNTHETIC_SPECS)
+        if mode == "exact-torch":  # the same modules asked for the PyTorch path (no process-wide switch)
+            for module in model.modules():
+                if hasattr(module, "native"):
+                    module.native = False
         models[mode] = model
     inputs = torch.randn(16, batch, d_model, generator=generator)
     cursor = {"next": 0}
@@ -166,12 +155,8 @@ def time_sparse_ffn(d_model: int, d_ff: int, *, sparsity: float, batch: int = 1,
             layer(inputs[cursor["next"] % len(inputs)])
             cursor["next"] += 1
 
-    def timed(mode: str):
-        if mode == "exact-torch":
-            return lambda: _run_torch_only(run, models[mode])
-        return lambda: run(models[mode])
-
-    timings = time_interleaved({mode: timed(mode) for mode in models}, runs, warmup=2)
+    timings = time_interleaved({mode: lambda model=model: run(model) for mode, model in models.items()}, runs,
+                               warmup=2)
     count = len(dense)
     result = {"d_model": d_model, "d_ff": d_ff, "gated": gated, "sparsity": sparsity, "batch": batch,
               "layers": count, "runs": runs, "dense_s": timings["dense"]["median_s"] / count}
@@ -184,7 +169,3 @@ def time_sparse_ffn(d_model: int, d_ff: int, *, sparsity: float, batch: int = 1,
                         "paths": sorted({p for r in report.values() for p in r["calls"]})}
     return result
 
-
-def _run_torch_only(run, model) -> None:
-    with _pytorch_ops_only():
-        run(model)
