@@ -80,6 +80,8 @@ def parse_args(argv):
     p.add_argument("--lambda-scale", type=float, default=1.0, help="times the paper's 7B λ stages")
     p.add_argument("--threshold", type=float, default=0.01, help="FATReLU threshold of ProSparse step 3")
     p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--recall", type=float, nargs="+", default=[0.95, 0.99],
+                   help="target recall of each predictor set (one decoding variant each)")
     p.add_argument("--runs", type=int, default=5, help="timed decoding runs per variant (median)")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
@@ -252,19 +254,20 @@ def measure(args, model, tokenizer, gguf, models: dict, records: dict) -> dict:
     tokens, _ = training_text(tokenizer, args.quick)
     predictor_batches = [b[0] for b in lm_eval_batches(tokens[: (64 if args.quick else 16384) + 1], 4,
                                                        32 if args.quick else 256)]
-    started = time.perf_counter()
-    predictors, predictor_report = train_predictors(sparse, predictor_batches, PredictorConfig(target_recall=0.95),
-                                                    progress=not args.quick)
     max_len = max(len(prompt) + args.new_tokens, max(b[0].shape[1] for b in held_out))
     # the original's dense decoding is the ProSparse model's own dense speed too (same shapes, same products)
     decoders = {"original_dense": fast_decoder(model, DecodeConfig(max_len=max_len)),
-                "prosparse_exact": fast_decoder(sparse, DecodeConfig(max_len=max_len)),
-                "prosparse_predictor": fast_decoder(sparse, DecodeConfig(max_len=max_len), predictors)}
-    variants["prosparse_predictor"] = {
-        "train_seconds": time.perf_counter() - started, "report": predictor_report.to_dict(),
-        "perplexity": {d: decoder_perplexity(decoders["prosparse_predictor"], b) for d, b in evaluation.items()}}
-    variants["prosparse_predictor"]["perplexity_change"] = {
-        d: variants["prosparse_predictor"]["perplexity"][d] / original[d] - 1 for d in original}
+                "prosparse_exact": fast_decoder(sparse, DecodeConfig(max_len=max_len))}
+    for recall in args.recall:
+        name = f"prosparse_predictor_r{round(100 * recall)}"
+        started = time.perf_counter()
+        predictors, report = train_predictors(sparse, predictor_batches, PredictorConfig(target_recall=recall),
+                                              progress=not args.quick)
+        decoders[name] = fast_decoder(sparse, DecodeConfig(max_len=max_len), predictors)
+        ppl = {d: decoder_perplexity(decoders[name], b) for d, b in evaluation.items()}
+        variants[name] = {"target_recall": recall, "train_seconds": time.perf_counter() - started,
+                          "report": report.to_dict(), "perplexity": ppl,
+                          "perplexity_change": {d: ppl[d] / original[d] - 1 for d in original}}
     runners = {name: llm_decode.decoder_run(decoder, prompt, args.new_tokens) for name, decoder in decoders.items()}
     if gguf is not None and importlib.util.find_spec("llama_cpp") is not None:
         f32 = _llama_cpp.f32_gguf(gguf, cache_root() / "gguf" / llm_decode.GGUF_NAME.replace("Q4_1", "F32"))
@@ -278,8 +281,8 @@ def measure(args, model, tokenizer, gguf, models: dict, records: dict) -> dict:
     variants["prosparse_exact"]["agreement"] = llm_decode.agreement(decoders["prosparse_exact"], sparse, prompt,
                                                                     reference, variants["prosparse_exact"]["tokens"])
     dense = variants["original_dense"]["tokens_per_s"]
-    summary = {f"{name}_vs_original_dense": variants[name]["tokens_per_s"] / dense
-               for name in ("prosparse_exact", "prosparse_predictor")}
+    summary = {f"{name}_vs_original_dense": variants[name]["tokens_per_s"] / dense for name in decoders
+               if name != "original_dense"}
     if "llama_cpp_f32" in variants:
         summary.update({f"{name}_vs_llama_cpp_f32": variants[name]["tokens_per_s"] /
                         variants["llama_cpp_f32"]["tokens_per_s"] for name in decoders})
@@ -294,12 +297,11 @@ def markdown(payload: dict) -> str:
     rows = ["| variant | weight reads skipped | FFN sparsity | perplexity Shakespeare | perplexity AG News "
             "| tokens/s |", "|---|---|---|---|---|---|"]
     exact = v["prosparse"]
-    predicted = v["prosparse_predictor"]["report"]
     table = [("original (SiLU)", None, None, v["original"], v.get("original_dense")),
              ("dense control (SiLU, fine-tuned the same)", 0.0, None, v["dense_control"], None),
              ("ProSparse, exact", exact["skipped_weight_share"], exact["ffn_sparsity"], exact, v["prosparse_exact"]),
-             (f"ProSparse + predictors (recall {predicted['mean_recall']:.1%})", None,
-              predicted["mean_predicted_sparsity"], v["prosparse_predictor"], v["prosparse_predictor"]),
+             *((f"ProSparse + predictors (recall {v[n]['report']['mean_recall']:.1%} held-out)", None,
+                v[n]["report"]["mean_predicted_sparsity"], v[n], v[n]) for n in v if n.startswith("prosparse_pred")),
              ("CATS on the original, same FFN sparsity", v["cats_same_ffn_sparsity"]["skipped_weight_share"], None,
               v["cats_same_ffn_sparsity"], None)]
     if v.get("teal_same_share"):

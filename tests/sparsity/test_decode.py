@@ -126,6 +126,8 @@ def test_refuses_what_it_cannot_decode():
         fast_decoder(model, DecodeConfig(max_len=1000))
     with pytest.raises(ValueError, match="layout"):
         DecodeConfig(layout="diagonal")
+    with pytest.raises(ValueError, match="exact_prefix"):
+        DecodeConfig(exact_prefix=-1)
     decoder = fast_decoder(model, DecodeConfig(max_len=8, layout="rows"))
     with pytest.raises(ValueError, match="max_len 8"):
         decoder.generate(torch.arange(5), 4)
@@ -178,17 +180,22 @@ def test_predictor_decoding_equals_the_pytorch_predictor_mode(family):
     expected = stepwise_logits(reference, ids)
     tolerance = 1e-4 * expected.abs().max()
     assert (stepwise_logits(model, ids) - expected).abs().max() > 10 * tolerance  # predictors miss units
-    decoder = fast_decoder(model, DecodeConfig(max_len=64), predictors)
+    decoder = fast_decoder(model, DecodeConfig(max_len=64, exact_prefix=0), predictors)
     assert [decoder.layouts["0"][part] for part in ("gate_up", "up", "down")] == ["rows", "rows", "cols"]
     got = decoder.logits(ids)
     assert (got - expected).abs().max() <= tolerance
     exact = fast_decoder(model, DecodeConfig(max_len=64))
-    exact.logits(ids)
+    exact_logits = exact.logits(ids)
     # the units computed are the predicted ones that are active: fewer than all the active ones
     assert decoder.timings()["computed_fraction"] < exact.timings()["computed_fraction"]
     prompt, new = ids[:4], decoder.generate(ids[:4], 12, stop_at_eos=False)
     expected_steps = stepwise_logits(reference, torch.cat([prompt, new[:-1]]))[len(prompt) - 1:]
     assert torch.equal(new, expected_steps.argmax(-1))
+    # by default the first position (the attention sink) is computed exactly, the others predicted
+    sink_exact = fast_decoder(model, DecodeConfig(max_len=64), predictors).logits(ids)
+    assert (sink_exact[0] - exact_logits[0]).abs().max() <= tolerance
+    assert (sink_exact[1:] - got[1:]).abs().max() > tolerance  # later positions read the exact first keys...
+    assert (sink_exact[1:] - exact_logits[1:]).abs().max() > 10 * tolerance  # ...and are predicted themselves
 
 
 def test_predictors_are_refused_where_they_cannot_apply():

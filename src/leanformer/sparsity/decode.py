@@ -66,14 +66,22 @@ class DecodeConfig:
     layout: weight layout of the dense layer projections, "rows", "cols" or "auto" (measured on this machine, see
         `tune.py`); projections with an input threshold (TEAL) are always "cols"; with an FFN threshold (CATS)
         up is "rows" and down "cols".
+    exact_prefix: with predictors, the first positions of a sequence whose FFNs are computed exactly instead of
+        predicted. The first token carries the few massive activations (thousands, in a handful of units of a
+        few layers) that make it the attention sink every later token reads; a predictor that misses one of
+        them ruins every later token (`benchmarks/prosparse_smollm2.py` measures it), for the cost of one dense
+        token.
     """
 
     max_len: int = 2048
     layout: str = "auto"
+    exact_prefix: int = 1
 
     def __post_init__(self):
         if isinstance(self.max_len, bool) or not isinstance(self.max_len, int) or self.max_len < 1:
             raise ValueError(f"DecodeConfig.max_len={self.max_len!r}: expected a positive integer")
+        if isinstance(self.exact_prefix, bool) or not isinstance(self.exact_prefix, int) or self.exact_prefix < 0:
+            raise ValueError(f"DecodeConfig.exact_prefix={self.exact_prefix!r}: expected an integer >= 0")
         if self.layout not in LAYOUTS:
             raise ValueError(f"DecodeConfig.layout={self.layout!r}: expected one of {', '.join(LAYOUTS)}")
 
@@ -277,7 +285,8 @@ def fast_decoder(model: nn.Module, config: DecodeConfig | None = None, predictor
     the thresholded model, skipping the weights of the zeroed entries. A ReLU-family model (`relufy`,
     `prosparse`) skips its zero FFN units exactly; with ``predictors`` (`train_predictors`, Deja Vu-style) it
     computes the gate only for the units they predict active, as ``sparsify_for_inference(model, "predictor")``
-    does: units a predictor misses are lost (approximate).
+    does, per token: units a predictor misses are lost (approximate); the first ``config.exact_prefix``
+    positions are computed exactly.
 
     Needs the compiled kernels (a C++ compiler; built once, about a minute): without them this raises, and
     ``model.generate`` remains the way to decode.
@@ -342,6 +351,7 @@ def fast_decoder(model: nn.Module, config: DecodeConfig | None = None, predictor
                                   predictor.fc2.weight.detach().float().t().contiguous(),
                                   predictor.fc2.bias.detach().float().contiguous(), float(predictor.threshold))
         layouts[str(index)] = chosen
+    decoder.set_exact_prefix(config.exact_prefix)
     eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
     eos = {eos} if isinstance(eos, int) else set(eos or ())
     return FastDecoder(decoder, config.max_len, eos, layouts)

@@ -343,6 +343,12 @@ class Decoder {
     allocate();
   }
 
+  // Positions below this run predicted layers exactly (dense gate) rather than predicted: see decode.py.
+  void set_exact_prefix(int64_t positions) {
+    TORCH_CHECK(positions >= 0, "Decoder: exact_prefix must be >= 0");
+    exact_prefix_ = positions;
+  }
+
   torch::Tensor step(int64_t token, int64_t pos) {
     TORCH_CHECK(token >= 0 && token < vocab_, "Decoder.step: token ", token, " out of range [0, ", vocab_, ")");
     TORCH_CHECK(pos >= 0 && pos < max_len_, "Decoder.step: position ", pos, " outside the cache of ", max_len_);
@@ -352,11 +358,12 @@ class Decoder {
     for (int64_t c = 0; c < d_; ++c) x[c] = e[c] * static_cast<float>(embed_scale_);
     auto t = Clock::now();
     rest_ns_ += ns(t0, t);
+    const bool predict = pos >= exact_prefix_;
     for (Layer& l : layers_) {
       attention(l, pos);
       auto t2 = Clock::now();
       attention_ns_ += ns(t, t2);
-      ffn(l);
+      ffn(l, predict);
       t = Clock::now();
       ffn_ns_ += ns(t2, t);
     }
@@ -506,14 +513,14 @@ class Decoder {
     return g / (1.f + std::exp(-g));
   }
 
-  void ffn(Layer& l) {
+  void ffn(Layer& l, bool predict) {
     float* x = x_.data_ptr<float>();
     float* h = h_.data_ptr<float>();
     float* gate = gate_.data_ptr<float>();
     float* up = up_.data_ptr<float>();
     const int64_t n = l.gate.out;
     rms_norm(x, l.post_norm.data_ptr<float>(), h);
-    if (l.predicted) {
+    if (l.predicted && predict) {
       predicted_ffn(l, h);
       for (int64_t c = 0; c < d_; ++c) x[c] += h[c];
       return;
@@ -575,6 +582,7 @@ class Decoder {
   Scratch scratch_;
   double embed_scale_, eps_, attn_scale_;
   int64_t heads_, kv_heads_, head_dim_, window_, vocab_ = 0, d_ = 0, ff_ = 0, max_len_ = 0, rank_ = 0;
+  int64_t exact_prefix_ = 0;
   int64_t attention_ns_ = 0, ffn_ns_ = 0, lm_head_ns_ = 0, rest_ns_ = 0, tokens_ = 0;
 };
 
@@ -591,6 +599,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_input_thresholds", &Decoder::set_input_thresholds)
       .def("set_ffn_threshold", &Decoder::set_ffn_threshold)
       .def("set_predictor", &Decoder::set_predictor)
+      .def("set_exact_prefix", &Decoder::set_exact_prefix)
       .def("step", &Decoder::step, py::call_guard<py::gil_scoped_release>())
       .def("timings", &Decoder::timings)
       .def("reset_timings", &Decoder::reset_timings)
