@@ -16,7 +16,8 @@ down), comparable with the TEAL/CATS figures of `llm_decode.py`. The training-fr
 sparsity on the original model: CATS calibrated to ProSparse's FFN sparsity here, TEAL (greedy) interpolated
 from this machine's `llm_decode` results. Then greedy decoding with `fast_decoder` (batch 1, 128 new tokens,
 median of --runs interleaved): the original model dense, the ProSparse model dense and exact-sparse (its zero
-units skipped), and with Deja Vu-style predictors (`train_predictors`, trained here on the training text).
+units skipped), and with Deja Vu-style predictors (`train_predictors` on the training text, one set per --recall
+target; the first position computed exactly, and for reference predicted too).
 
 Results: benchmarks/results/prosparse_smollm2/<machine>.json + .png. The trained models are cached (keyed by
 the run's settings) in the leanformer cache folder, so rerunning only measures; --retrain trains again.
@@ -265,9 +266,13 @@ def measure(args, model, tokenizer, gguf, models: dict, records: dict) -> dict:
                                               progress=not args.quick)
         decoders[name] = fast_decoder(sparse, DecodeConfig(max_len=max_len), predictors)
         ppl = {d: decoder_perplexity(decoders[name], b) for d, b in evaluation.items()}
+        # the same predictors on the first position too (exact_prefix=0): what a missed attention sink costs
+        sink_predicted = fast_decoder(sparse, DecodeConfig(max_len=max_len, exact_prefix=0), predictors)
+        ppl_sink = {d: decoder_perplexity(sink_predicted, b) for d, b in evaluation.items()}
         variants[name] = {"target_recall": recall, "train_seconds": time.perf_counter() - started,
                           "report": report.to_dict(), "perplexity": ppl,
-                          "perplexity_change": {d: ppl[d] / original[d] - 1 for d in original}}
+                          "perplexity_change": {d: ppl[d] / original[d] - 1 for d in original},
+                          "perplexity_first_position_predicted": ppl_sink}
     runners = {name: llm_decode.decoder_run(decoder, prompt, args.new_tokens) for name, decoder in decoders.items()}
     if gguf is not None and importlib.util.find_spec("llama_cpp") is not None:
         f32 = _llama_cpp.f32_gguf(gguf, cache_root() / "gguf" / llm_decode.GGUF_NAME.replace("Q4_1", "F32"))
