@@ -22,7 +22,7 @@ target; the first position computed exactly, and for reference predicted too).
 Results: benchmarks/results/prosparse_smollm2/<machine>.json + .png. The trained models are cached (keyed by
 the run's settings) in the leanformer cache folder, so rerunning only measures; --retrain trains again.
 
-    python benchmarks/prosparse_smollm2.py               # about 100 minutes on 2 cores (two training runs)
+    python benchmarks/prosparse_smollm2.py               # ~80 min on 2 cores to train (once), ~10 to measure
     python benchmarks/prosparse_smollm2.py --quick       # a tiny random LLaMA, 30 steps: checks the script works
 """
 
