@@ -122,8 +122,7 @@ def prosparse_config(args) -> ProSparseConfig:
 
 def validation_loss(model, batches) -> float:
     model.eval()
-    with torch.no_grad():
-        return sum(float(causal_lm_loss(model, b)) * b[1].numel() for b in batches) / sum(b[1].numel() for b in batches)
+    return math.log(llm_decode.perplexity(model, batches))
 
 
 def dense_control(model, tokens, validation, config: ProSparseConfig) -> dict:
