@@ -97,14 +97,21 @@ def build_lm(args):
 
 
 def masked_by_predictors(model, predictors) -> list:
-    """Hooks making every token keep only its predicted FFN units, as batch-1 decoding with the predictor path
-    computes them; remove the returned handles to undo."""
+    """Hooks making every token but the first of each sequence (the attention sink, computed exactly as
+    `sparsify_for_inference`'s exact_prefix=1 does) keep only its predicted FFN units, as batch-1 decoding with
+    the predictor path computes them; remove the returned handles to undo."""
     handles = []
+
+    def keep_predicted(a, x, predictor):
+        keep = predictor.predict(x)
+        keep[:, 0] = True
+        return (a * keep,)
+
     for ffn in find_ffns(model):
         predictor, seen = predictors[ffn.name], {}
         handles.append(ffn.up.register_forward_pre_hook(lambda m, a, seen=seen: seen.update(x=a[0])))
         handles.append(ffn.down.register_forward_pre_hook(
-            lambda m, a, seen=seen, p=predictor: (a[0] * p.predict(seen["x"]),)))
+            lambda m, a, seen=seen, p=predictor: keep_predicted(a[0], seen["x"], p)))
     return handles
 
 

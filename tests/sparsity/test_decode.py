@@ -175,7 +175,7 @@ def test_predictor_decoding_equals_the_pytorch_predictor_mode(family):
     tokens = torch.randint(0, VOCAB, (600,), generator=torch.Generator().manual_seed(5))
     predictors, _ = train_predictors(model, [b[0] for b in lm_eval_batches(tokens, 4, 32)],
                                      PredictorConfig(rank=8, steps=60, target_recall=0.9), progress=False)
-    reference = sparsify_for_inference(copy.deepcopy(model), "predictor", predictors, max_active=1.0)
+    reference = sparsify_for_inference(copy.deepcopy(model), "predictor", predictors, max_active=1.0, exact_prefix=0)
     ids = torch.randint(0, VOCAB, (24,), generator=torch.Generator().manual_seed(6))
     expected = stepwise_logits(reference, ids)
     tolerance = 1e-4 * expected.abs().max()
@@ -191,8 +191,10 @@ def test_predictor_decoding_equals_the_pytorch_predictor_mode(family):
     prompt, new = ids[:4], decoder.generate(ids[:4], 12, stop_at_eos=False)
     expected_steps = stepwise_logits(reference, torch.cat([prompt, new[:-1]]))[len(prompt) - 1:]
     assert torch.equal(new, expected_steps.argmax(-1))
-    # by default the first position (the attention sink) is computed exactly, the others predicted
+    # by default the first position (the attention sink) is computed exactly, the others predicted, in both
     sink_exact = fast_decoder(model, DecodeConfig(max_len=64), predictors).logits(ids)
+    sink_reference = sparsify_for_inference(copy.deepcopy(model), "predictor", predictors, max_active=1.0)
+    assert (sink_exact - stepwise_logits(sink_reference, ids)).abs().max() <= tolerance
     assert (sink_exact[0] - exact_logits[0]).abs().max() <= tolerance
     assert (sink_exact[1:] - got[1:]).abs().max() > tolerance  # later positions read the exact first keys...
     assert (sink_exact[1:] - exact_logits[1:]).abs().max() > 10 * tolerance  # ...and are predicted themselves

@@ -167,10 +167,49 @@ def test_predictor_mode_computes_exactly_the_predicted_units():
     everything = sparsify_for_inference(copy.deepcopy(model), "predictor", predictors, max_active=1.0)
     torch.testing.assert_close(_run(everything, {"input_ids": ids}), dense, atol=2e-5, rtol=1e-4)
     predictors = {name: _PredictAll(keep) for name in predictors}
-    half = sparsify_for_inference(model, "predictor", predictors, max_active=1.0)
-    torch.testing.assert_close(_run(half, {"input_ids": ids}), _run(reference, {"input_ids": ids}),
-                               atol=2e-5, rtol=1e-4)
-    assert "predictor" not in " ".join(model.state_dict())
+    half = sparsify_for_inference(copy.deepcopy(model), "predictor", predictors, max_active=1.0, exact_prefix=0)
+    expected = _run(reference, {"input_ids": ids})
+    torch.testing.assert_close(_run(half, {"input_ids": ids}), expected, atol=2e-5, rtol=1e-4)
+    assert "predictor" not in " ".join(half.state_dict())
+    # by default the first position (the attention sink) is dense: its logits are the dense model's, and the
+    # others read its exact keys and values but are predicted themselves
+    sink = sparsify_for_inference(model, "predictor", predictors, max_active=1.0)
+    got = _run(sink, {"input_ids": ids})
+    torch.testing.assert_close(got[:, 0], dense[:, 0], atol=2e-5, rtol=1e-4)
+    assert (got[:, 1:] - expected[:, 1:]).abs().max() > 1e-3
+    assert (got[:, 1:] - dense[:, 1:]).abs().max() > 1e-3
+
+
+def test_the_exact_prefix_follows_the_positions_of_generate():
+    """With the KV cache and with left padding, the tokens at position 0 are the dense model's: positions come
+    from ``position_ids`` (left padding) or the cache's length, never from where a token sits in the call."""
+    torch.manual_seed(0)
+    model, _ = tiny_llama()
+    relufy(model)
+    model.eval()
+    dense = copy.deepcopy(model)
+    keep = torch.rand(64) < 0.5
+    sparse = sparsify_for_inference(model, "predictor", {f.name: _PredictAll(keep) for f in find_ffns(model)},
+                                    max_active=1.0, exact_prefix=2)
+    ids = torch.randint(1, 50, (2, 5))
+    mask = torch.ones_like(ids)
+    ids[1, :2], mask[1, :2] = 0, 0  # the second row is left-padded: its sequence starts at column 2
+    expected = _run(dense, {"input_ids": ids, "attention_mask": mask})
+    with torch.no_grad():
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        got = sparse(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        torch.testing.assert_close(got[0, :2], expected[0, :2], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(got[1, 2:4], expected[1, 2:4], atol=2e-5, rtol=1e-4)
+        assert not torch.allclose(got[0, 2:], expected[0, 2:], atol=1e-3)
+        # step by step with the cache: the first two calls dense, the third predicted
+        cache, rows = None, []
+        for t in range(3):
+            out = sparse(input_ids=ids[:1, t:t + 1], use_cache=True, **({} if cache is None else {"cache": cache}))
+            cache = out.cache
+            rows.append(out.logits[0, -1])
+    torch.testing.assert_close(torch.stack(rows[:2]), expected[0, :2], atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(rows[2], expected[0, 2], atol=1e-3)
+    assert inference_report(sparse)["model.layers.0.mlp"]["calls"]["dense"] > 0
 
 
 def test_auto_calibration_gives_one_fraction_per_shape():
@@ -253,10 +292,10 @@ def _assert_copy_runs_and_counts_on_its_own(model: nn.Module, inputs, how: str) 
     inference_report(model, reset=True)
     inference_report(twin, reset=True)
     torch.testing.assert_close(_run(twin, inputs), expected, atol=0, rtol=0)
-    ffns = len(_sparse_modules(model))
-    assert _sparse_counts(twin) == (ffns, 0) and _sparse_counts(model) == (0, 0)
+    counts = _sparse_counts(twin)
+    assert counts[0] == len(_sparse_modules(model)) and _sparse_counts(model) == (0, 0)
     _run(model, inputs)
-    assert _sparse_counts(twin) == (ffns, 0) and _sparse_counts(model) == (ffns, 0)
+    assert _sparse_counts(twin) == counts == _sparse_counts(model)
     return twin
 
 
@@ -279,6 +318,7 @@ def test_a_copy_of_a_predictor_mode_model_has_its_own_predictors(how, path):
     predictors = {ffn.name: LowRankPredictor(32, 64, 4) for ffn in find_ffns(model)}
     sparsify_for_inference(model.eval(), "predictor", predictors, max_active=1.0)
     twin = _assert_copy_runs_and_counts_on_its_own(model, inputs, how)
+    assert _sparse_counts(twin)[1] == 2  # the exact first position ran dense: the copy tracks its own positions
     originals = [m.predictor for m in _sparse_modules(model)]
     assert all(m.predictor is not p for m, p in zip(_sparse_modules(twin), originals, strict=True))
 

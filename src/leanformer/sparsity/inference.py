@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from .._native import source_digest
 from .._timing import time_interleaved
 from .._tuning import tuned
+from ._positions import PositionTracker
 from .activations import FATReLU, TopK
 from .ffn import FFN, FFNSpec, find_ffns, layer_kind, refuse_fused_experts
 from .kernels import backend, gated_down, gather_matmul, input_sparse_down, scatter_matmul
@@ -95,7 +96,7 @@ class SparseGatedFFN(nn.Module, _CountsPaths):
     """
 
     def __init__(self, ffn: FFN, mode: str = "exact", predictor: nn.Module | None = None, max_active: float = 1.0,
-                 native: bool = True):
+                 native: bool = True, exact_prefix: int = 0, positions: PositionTracker | None = None):
         super().__init__()
         names = _gated_layout(ffn)
         if names is None:
@@ -106,14 +107,28 @@ class SparseGatedFFN(nn.Module, _CountsPaths):
         self.mode, self.max_active, self.native = mode, max_active, native
         # not registered as a submodule: the predictor is not part of the model's weights (state_dict)
         object.__setattr__(self, "predictor", predictor)
+        self.exact_prefix, self.positions = exact_prefix, positions
         _neuron_major(ffn.down)
         self._reset_counts()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up, down, act = map(self._modules.__getitem__, self._roles)  # per token: the cheapest lookup
         tokens = x.reshape(-1, x.shape[-1])
+        exact = self._exact_rows(x)
+        if exact is None or not exact.any():
+            out = self._tokens_through(tokens)
+        else:  # the exact prefix dense, the other tokens (if any) through their predicted units
+            first = self._tokens_through(tokens[exact], dense=True)
+            out = first.new_empty(tokens.shape[0], first.shape[1])
+            out[exact] = first
+            if not exact.all():
+                out[~exact] = self._tokens_through(tokens[~exact]).to(out.dtype)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    def _tokens_through(self, tokens: torch.Tensor, dense: bool = False) -> torch.Tensor:
+        """The FFN of (n, features) tokens, counting the path that ran."""
+        gate, up, down, act = map(self._modules.__getitem__, self._roles)  # per token: the cheapest lookup
         hidden = down.in_features
-        dtype = _compute_dtype(tokens, up.weight)
+        dtype = None if dense else _compute_dtype(tokens, up.weight)
         out = a = None
         if dtype is not None:
             tokens = tokens.to(dtype)
@@ -123,11 +138,18 @@ class SparseGatedFFN(nn.Module, _CountsPaths):
             self._count("dense", hidden, hidden)
             if a is None:
                 a = act(gate(tokens))
-            return down(a * up(tokens)).reshape(*x.shape[:-1], down.out_features)
+            return down(a * up(tokens))
         if down.bias is not None:
             out = out + down.bias.to(out.dtype)
         self._count(_PATH_NAMES[path], count, hidden)
-        return out.reshape(*x.shape[:-1], down.out_features)
+        return out
+
+    def _exact_rows(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Predictor mode: which tokens of ``x`` sit in the first ``exact_prefix`` positions of their sequence
+        (None when there is no exact prefix or the positions are unknown)."""
+        if self.mode != "predictor" or self.exact_prefix == 0 or self.positions is None:
+            return None
+        return self.positions.below(self.exact_prefix, x.shape[:-1], x.device)
 
     @staticmethod
     def _exact(tokens, gate, up, down, act, limit: int, native: bool) -> tuple:
@@ -409,25 +431,31 @@ def _measured_sparse_path(ffn: FFN, mode: str, gated: bool) -> tuple[float, bool
 
 
 def sparsify_for_inference(model: nn.Module, mode: str = "exact", predictors=None, *,
-                           max_active: float | str = "auto", specs: Iterable[FFNSpec] | None = None) -> nn.Module:
+                           max_active: float | str = "auto", specs: Iterable[FFNSpec] | None = None,
+                           exact_prefix: int = 1) -> nn.Module:
     """Swap every FFN of ``model`` for its sparse-inference form, in place; return ``model``.
 
     ``mode="exact"`` gives the dense outputs (up to float rounding); ``mode="predictor"`` uses ``predictors``
     (a `Predictors` with one entry per FFN name) to choose the units of gated FFNs. ``max_active`` is the
     largest fraction of hidden units a call may compute sparsely before it runs dense instead; "auto"
-    measures it per FFN shape and mode on this machine (`calibrate_max_active`, a second or so per shape). Everything
-    is validated before the model is touched. Works under ``model.generate()``; use `inference_report` to see
-    which path ran.
+    measures it per FFN shape and mode on this machine (`calibrate_max_active`, a second or so per shape). In
+    predictor mode the first ``exact_prefix`` positions of every sequence (read from the model call's
+    ``position_ids`` or its KV cache) are computed densely: the first token is the attention sink, and predicting
+    its units ruins the tokens after it (see `_positions`). Everything is validated before the model is touched.
+    Works under ``model.generate()``; use `inference_report` to see which path ran.
     """
     if any(isinstance(m, _CountsPaths) for m in model.modules()):
         raise ValueError("model already has sparse-inference FFNs (sparsify_for_inference was applied before)")
     if not (max_active == "auto" or (isinstance(max_active, (int, float)) and not isinstance(max_active, bool)
                                      and 0.0 <= max_active <= 1.0)):
         raise ValueError(f"max_active must be 'auto' or a fraction in [0, 1], got {max_active!r}")
+    if isinstance(exact_prefix, bool) or not isinstance(exact_prefix, int) or exact_prefix < 0:
+        raise ValueError(f"exact_prefix must be an integer >= 0, got {exact_prefix!r}")
     ffns = find_ffns(model, specs)
     refuse_fused_experts(ffns, "sparsify_for_inference", _EXPERTS_REASON)
     _validate(model, ffns, mode, predictors, specs)
     calibrated: dict[tuple, tuple[float, bool]] = {}
+    positions = PositionTracker(model) if mode == "predictor" and exact_prefix else None
     for ffn in ffns:
         gated = _gated_layout(ffn) is not None
         limit, native = max_active, True
@@ -438,7 +466,7 @@ def sparsify_for_inference(model: nn.Module, mode: str = "exact", predictors=Non
             limit, native = calibrated[key]
         if gated:
             _replace(model, ffn.name, SparseGatedFFN(ffn, mode, predictors[ffn.name] if predictors else None, limit,
-                                                     native))
+                                                     native, exact_prefix, positions))
         else:
             down_name = next(name for name, module in ffn.module.named_modules() if module is ffn.down)
             _replace(ffn.module, down_name, _SPARSE_DOWN[layer_kind(ffn.down).name](ffn.down, limit, native))

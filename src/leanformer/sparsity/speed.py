@@ -141,7 +141,7 @@ def time_sparse_ffn(d_model: int, d_ff: int, *, sparsity: float, batch: int = 1,
         model = nn.Sequential(*(_twin(layer, down) for layer, down in zip(dense, downs, strict=True)))
         predictors = _predictors_for(dense, sparsity, rank, generator) if mode == "predictor" else None
         sparsify_for_inference(model, "predictor" if mode == "predictor" else "exact", predictors, max_active=1.0,
-                               specs=SYNTHETIC_SPECS)
+                               specs=SYNTHETIC_SPECS, exact_prefix=0)  # every call through the path timed
         if mode == "exact-torch":  # the same modules asked for the PyTorch path (no process-wide switch)
             for module in model.modules():
                 if hasattr(module, "native"):
