@@ -13,9 +13,9 @@ k largest per token (Top-k) costs no accuracy. This script repeats both measurem
    are 192 / 384 / 768 in the three stages), trained the same way, against dense ReLU and the
    original GELU model: final validation accuracy and nonzero %, several seeds.
 
-The per-epoch measurement runs inside the Trainer through its `extra_losses` hook (it returns a
-zero loss; at the first step of each epoch it measures the model as the previous epoch left it);
-it runs in eval mode under no_grad and draws no random numbers, so training is unchanged by it.
+The per-epoch measurement runs inside the Trainer as an engine callback (`on_epoch_end`, after the
+epoch's last step); it runs in eval mode under no_grad and draws no random numbers, so training is
+unchanged by it.
 Writes benchmarks/results/lazy_neuron.json + lazy_neuron.png.
 
     OMP_NUM_THREADS=2 python benchmarks/lazy_neuron.py          # 6 variants x 2 seeds x 12 epochs (~10.5 min, 2 cores)
@@ -35,6 +35,7 @@ import torch
 
 from leanformer import TrainConfig, Trainer, apply_topk, find_ffns, load_data, measure_sparsity, relufy
 from leanformer._io import write_json_atomic
+from leanformer.engine import Callback
 
 try:
     from benchmarks._common import RESULTS, machine_info, results_file
@@ -58,23 +59,21 @@ def transforms_for(variant: str) -> list:
     return [relufy, lambda model: apply_topk(model, k)]
 
 
-class EpochSparsity:
-    """A Trainer ``extra_losses`` entry that measures FFN sparsity on fixed batches once per epoch.
+class EpochSparsity(Callback):
+    """A Trainer callback that measures FFN sparsity on fixed batches at the end of every epoch (and, through
+    `initial`, the model as built, before its first step)."""
 
-    The Trainer calls it after every training forward; on the first step of each epoch it measures the
-    model as the previous epoch left it (call 0: the model at initialisation). It adds nothing to the loss.
-    """
-
-    def __init__(self, batches: list[torch.Tensor], steps_per_epoch: int):
-        self.batches, self.steps_per_epoch = batches, steps_per_epoch
-        self.calls = 0
+    def __init__(self, batches: list[torch.Tensor]):
+        self.batches = batches
         self.reports = []
 
-    def __call__(self, model: torch.nn.Module) -> torch.Tensor:
-        if self.calls % self.steps_per_epoch == 0:
-            self.reports.append(measure_sparsity(model, self.batches))
-        self.calls += 1
-        return torch.zeros(())
+    def initial(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A Trainer transform: measure the model at initialisation, return it unchanged."""
+        self.reports.append(measure_sparsity(model, self.batches))
+        return model
+
+    def on_epoch_end(self, epoch: int, model: torch.nn.Module) -> None:
+        self.reports.append(measure_sparsity(model, self.batches))
 
 
 def run(variant: str, seed: int, config: TrainConfig) -> dict:
@@ -83,17 +82,15 @@ def run(variant: str, seed: int, config: TrainConfig) -> dict:
     val_images = data.val.tensors[0]  # the Trainer's validation split (same data spec and seed)
     batches = list(val_images.split(256))
     steps_per_epoch = len(data.train) // config.batch_size  # as the Trainer computes it
-    probe = EpochSparsity(batches, steps_per_epoch)
-    built: list[torch.nn.Module] = []
-    keep = [lambda model: built.append(model) or model]  # hold on to the trained model
-    trainer = Trainer(config, transforms=transforms_for(variant) + keep, extra_losses=[probe], progress=False)
+    probe = EpochSparsity(batches)
+    trainer = Trainer(config, transforms=[*transforms_for(variant), probe.initial], callbacks=[probe],
+                      progress=False)
     result = trainer.fit()
-    model = built[0]
-    if result.steps != config.epochs * steps_per_epoch or len(probe.reports) != config.epochs:
+    if result.steps != config.epochs * steps_per_epoch or len(probe.reports) != config.epochs + 1:
         raise RuntimeError(f"epoch bookkeeping is off: {result.steps} steps, {len(probe.reports)} measurements "
                            f"for {config.epochs} epochs of {steps_per_epoch} steps")
-    final = measure_sparsity(model, batches)
-    reports = [*probe.reports, final]  # index e = after e epochs
+    reports = probe.reports  # index e = after e epochs
+    final = reports[-1]
     history = [{"epoch": 0, "val_acc": None}, *({"epoch": h["epoch"], "val_acc": h["val_acc"],
                                                   "train_loss": h["train_loss"]} for h in result.history)]
     for entry, report in zip(history, reports, strict=True):

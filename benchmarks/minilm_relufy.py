@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from leanformer import ProSparseSchedule, SparsityRegularizer, measure_sparsity, relufy
 from leanformer._io import write_json_atomic
-from leanformer.train.optim import lr_at, set_lr
+from leanformer.engine.optim import lr_at, set_lr
 
 try:
     from benchmarks._common import RESULTS, machine_info, results_file

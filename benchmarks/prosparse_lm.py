@@ -33,10 +33,10 @@ import torch
 
 from leanformer._io import write_json_atomic
 from leanformer.data.text import lm_batches, lm_eval_batches, load_text
+from leanformer.engine.optim import build_optimizer, lr_at, set_lr
 from leanformer.sparsity import measure_sparsity, relufy
 from leanformer.sparsity.prosparse import ProSparseConfig, causal_lm_loss, prosparse
 from leanformer.sparsity.regularize import PROSPARSE_7B, ProSparseSchedule
-from leanformer.train.optim import build_optimizer, lr_at, set_lr
 
 try:
     from benchmarks._common import RESULTS, machine_info, results_file

@@ -44,6 +44,7 @@ from tqdm import tqdm
 from leanformer._io import atomic_write, write_json_atomic
 from leanformer._loading import cache_root
 from leanformer.data.text import lm_batches, lm_eval_batches
+from leanformer.engine.optim import build_optimizer, lr_at, set_lr
 from leanformer.sparsity import (
     DecodeConfig,
     PredictorConfig,
@@ -59,7 +60,6 @@ from leanformer.sparsity import (
 )
 from leanformer.sparsity.prosparse import ProSparseConfig, causal_lm_loss, prosparse
 from leanformer.sparsity.regularize import PROSPARSE_7B, ProSparseSchedule
-from leanformer.train.optim import build_optimizer, lr_at, set_lr
 
 try:
     from benchmarks import _llama_cpp, llm_decode

@@ -26,8 +26,8 @@ import torch
 
 from leanformer._io import write_json_atomic
 from leanformer.data.tasks import TaskData, load_task
+from leanformer.engine.optim import build_optimizer
 from leanformer.train.multitask import FinetuneConfig, MultiTaskClassifier, add_adapters, finetune, train_step
-from leanformer.train.optim import build_optimizer
 
 try:
     from benchmarks._common import RESULTS, machine_info, results_file, time_interleaved

@@ -6,6 +6,7 @@ NaN, infinities and ``True`` the same way, with the same message: ``name=value: 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 
@@ -55,3 +56,12 @@ def _range(minimum: float | None, maximum: float | None, min_open: bool, max_ope
     if maximum is not None:
         return f" {'<' if max_open else '<='} {maximum:g}"
     return ""
+
+
+def config_from_dict(cls: type, values: dict, what: str):
+    """``cls(**values)`` for a config dataclass, refusing unknown keys by name (e.g. from a newer checkpoint)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} config field(s) {unknown}; known: {sorted(known)}")
+    return cls(**values)

@@ -18,10 +18,11 @@ from leanformer.cli import bench as bench_cli
 from leanformer.cli import finetune as finetune_cli
 from leanformer.cli import train as train_cli
 from leanformer.cli.main import build_parser, main
+from leanformer.engine import checkpoint
+from leanformer.engine.checkpoint import load_checkpoint_folder
 from leanformer.models._registry import model_entrypoint, weight_bytes
 from leanformer.sparsity.speed import synthetic_layers
-from leanformer.train import checkpoint, loop
-from leanformer.train.checkpoint import load_checkpoint_folder
+from leanformer.train import loop
 
 TINY_TRAIN = ["train", "--img-size", "16", "--batch-size", "64", "--no-progress"]
 

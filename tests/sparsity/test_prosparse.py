@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from leanformer import create_model
 from leanformer.data import lm_batches, lm_eval_batches
+from leanformer.engine.checkpoint import NonFiniteLossError, load_checkpoint_folder
 from leanformer.sparsity.activations import FATReLU
 from leanformer.sparsity.ffn import find_ffns
 from leanformer.sparsity.prosparse import (
@@ -22,7 +23,6 @@ from leanformer.sparsity.prosparse import (
     task_loss_for,
 )
 from leanformer.sparsity.regularize import PROSPARSE_7B, ProSparseSchedule
-from leanformer.train.checkpoint import NonFiniteLossError, load_checkpoint_folder
 
 transformers = pytest.importorskip("transformers")
 
@@ -206,7 +206,7 @@ def test_resume_checks(tmp_path):
         run(ProSparseConfig(**{**RUN, "lr": 1e-3}), checkpoint_dir=tmp_path, resume=True)
     with pytest.raises(ValueError, match="checkpoint_dir"):
         run(config, resume=True)
-    with pytest.raises(ValueError, match="meta.json is missing"):
+    with pytest.raises(ValueError, match="no checkpoint in .*none"):
         run(config, checkpoint_dir=tmp_path / "none", resume=True)
 
 
@@ -247,8 +247,8 @@ def test_disk_full_during_a_checkpoint_says_which_one_is_kept(tmp_path, monkeypa
     import errno
     import os
 
-    from leanformer.train import checkpoint
-    from leanformer.train.checkpoint import CheckpointWriteError
+    from leanformer.engine import checkpoint
+    from leanformer.engine.checkpoint import CheckpointWriteError
 
     save_file, written = checkpoint.save_file, []
 

@@ -9,20 +9,18 @@ import math
 import pytest
 import torch
 
+from leanformer.engine.checkpoint import NonFiniteLossError, load_checkpoint_folder
 from leanformer.train import TrainConfig, Trainer
-from leanformer.train.checkpoint import NonFiniteLossError, load_checkpoint_folder
 
 TINY = dict(img_size=16, batch_size=64, model_kwargs={"drop_path_rate": 0.0})
 STEPS_PER_EPOCH = 22  # 1437 training digits // 64
 
 
 def nan_from_step(step: int):
-    """An extra loss that is 0, then NaN from the given (1-based) training step on."""
-    calls = []
+    """An extra loss that is 0, then NaN from the given (1-based) training step on (it gets the 0-based step)."""
 
-    def extra(model: torch.nn.Module) -> torch.Tensor:
-        calls.append(1)
-        return torch.tensor(math.nan if len(calls) >= step else 0.0)
+    def extra(index: int, model: torch.nn.Module) -> torch.Tensor:
+        return torch.tensor(math.nan if index + 1 >= step else 0.0)
 
     return extra
 

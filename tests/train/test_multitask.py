@@ -14,8 +14,8 @@ from leanformer.adapters import model as adapters_model
 from leanformer.adapters import smora_layers
 from leanformer.data import load_tokenizer
 from leanformer.data.tasks import load_task
+from leanformer.engine.checkpoint import NonFiniteLossError, load_checkpoint_folder
 from leanformer.train import multitask
-from leanformer.train.checkpoint import NonFiniteLossError, load_checkpoint_folder
 from leanformer.train.multitask import (
     FinetuneConfig,
     MultiTaskClassifier,

@@ -17,6 +17,7 @@ from .._io import check_writable_dir, dumps_json, write_files_atomic, write_json
 from .._loading import causal_lm_folder, hf_from_pretrained
 from .._runfolder import claim_run_folder
 from ..data import lm_batches, lm_eval_batches, load_data, load_text, load_tokenizer
+from ..engine import check_resume, process_group
 from ..models import create_model, is_model
 from ..sparsity.pretrained import WEIGHTS_NAME, save_pretrained
 from ..sparsity.prosparse import ProSparseConfig, ProSparseResult, prosparse
@@ -177,8 +178,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / time.strftime("sparsify-%Y%m%d-%H%M%S")
     check_writable_dir(out, "--out", OUTPUT_FOLDERS, OUTPUT_FILES)
     checkpoint_dir = out / "checkpoint"
-    if args.resume and not (checkpoint_dir / "meta.json").is_file():
-        raise ValueError(f"--resume: no checkpoint in {checkpoint_dir}")
+    check_resume(checkpoint_dir, args.resume, "--out")
     threshold, backbone = config.threshold, is_model(args.model)
 
     if backbone:
@@ -213,9 +213,12 @@ def run(args: argparse.Namespace) -> int:
         eval_batches = lm_eval_batches(text.val, config.batch_size, config.seq_len)
         source = text.source
 
-    with claim_run_folder(out, RUN_OUTPUTS, resume=args.resume, overwrite=args.overwrite):
+    with process_group() as ctx, claim_run_folder(out if ctx.is_main else None, RUN_OUTPUTS, resume=args.resume,
+                                                  overwrite=args.overwrite):
         result = prosparse(model, train_batches, config, eval_batches, progress=not args.no_progress,
                            checkpoint_dir=checkpoint_dir, resume=args.resume)
+        if not ctx.is_main:  # under torchrun the first process writes the outputs
+            return 0
         weights, note = save_model(args, model, tokenizer, out, threshold)
         payload = {"model": args.model, "data": source, "output": str(weights), "activation": note,
                    **result.to_dict()}

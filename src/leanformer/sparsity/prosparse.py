@@ -20,8 +20,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-import sys
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,20 +27,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from .._checks import is_int, is_real
+from .._checks import config_from_dict, is_int, is_real
 from .._runfolder import claim_run_folder
-from ..train.checkpoint import (
-    check_finite_loss,
-    check_same_run,
-    load_checkpoint_folder,
-    restore_training_state,
-    save_checkpoint,
-    training_state_tensors,
-)
-from ..train.config import config_from_dict
-from ..train.optim import build_optimizer, check_optimizer_settings, lr_at, set_lr
+from ..engine import Checkpointing, LoopConfig, check_resume, fit, process_group
+from ..engine.optim import check_optimizer_settings
 from ._batches import split_batch, split_pair, to_device
 from .activations import relufy
 from .ffn import FFNSpec
@@ -271,39 +260,16 @@ def _evaluate(model: nn.Module, batches: Iterable, loss_fn: TaskLoss, specs: Ite
     return total / count, measure_sparsity(model, (_pair(batch, device)[0] for batch in batches), specs)
 
 
-def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, regularizer: SparsityRegularizer,
-                loss_fn: TaskLoss, batch: Batch, step: int, config: ProSparseConfig) -> tuple[float, float]:
-    """One optimiser step on task loss + λ(step)·L1; returns (task loss, learning rate)."""
-    lr = lr_at(step, config.steps, config.warmup_steps, config.lr, config.min_lr)
-    set_lr(optimizer, lr)
-    loss = loss_fn(model, batch)
-    total = loss + regularizer.loss(step)
-    optimizer.zero_grad(set_to_none=True)
-    total.backward()
-    if config.clip_grad is not None:
-        nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
-    optimizer.step()
-    return loss.item(), lr
-
-
-def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, config: ProSparseConfig,
-             checkpoint_dir: Path) -> tuple[int, list[dict]]:
-    """Load the checkpoint of the same run into model and optimizer; return its (step, history)."""
-    tensors, meta = load_checkpoint_folder(checkpoint_dir, require=("config", "history"))
-    check_same_run(meta["config"], config.to_dict())
-    restore_training_state(model, optimizer, tensors, meta["param_groups"])
-    return meta["step"], meta["history"]
-
-
 def prosparse(model: nn.Module, train_batches: Iterable, config: ProSparseConfig, eval_batches: Iterable, *,
               progress: bool = True, checkpoint_dir: str | Path | None = None, resume: bool = False,
               loss_fn: TaskLoss | None = None, specs: Iterable[FFNSpec] | None = None) -> ProSparseResult:
     """Make ``model``'s FFN activations sparse with ProSparse's three steps, in place; return what it reached.
 
-    train_batches: (inputs, targets) pairs, at least ``config.steps`` of them (e.g. the endless `lm_batches`).
+    train_batches: (inputs, targets) pairs, at least ``config.steps`` of them (e.g. the endless `lm_batches`);
+        under torchrun each process trains on its slice of every batch (`leanformer.engine.shard`).
     eval_batches: (inputs, targets) pairs read at every evaluation, so re-iterable (a list, a DataLoader).
     checkpoint_dir: if given, model, optimizer and RNG state are saved there at every evaluation
-        (`leanformer.train.checkpoint` format). It must not hold a checkpoint already unless ``resume``, and its
+        (`leanformer.engine.checkpoint` format). It must not hold a checkpoint already unless ``resume``, and its
         lock is held while the run goes on (another process writing it is refused).
     resume: continue the run checkpointed in ``checkpoint_dir``: pass the model as it was given to the first
         call (e.g. loaded again) and ``train_batches`` made again the same way; the batches the checkpointed
@@ -318,9 +284,9 @@ def prosparse(model: nn.Module, train_batches: Iterable, config: ProSparseConfig
     if iter(eval_batches) is eval_batches:
         raise ValueError("eval_batches must be re-iterable (a list, a DataLoader): it is read at every evaluation")
     checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
-    if resume and checkpoint_dir is None:
-        raise ValueError("resume=True needs checkpoint_dir, the folder the run was checkpointed in")
-    with claim_run_folder(checkpoint_dir, ("meta.json",), resume=resume):
+    check_resume(checkpoint_dir, resume, "checkpoint_dir")
+    with process_group() as ctx, claim_run_folder(checkpoint_dir if ctx.is_main else None, ("meta.json",),
+                                                  resume=resume):
         return _prosparse(model, train_batches, config, eval_batches, progress, checkpoint_dir, resume, loss_fn,
                           specs)
 
@@ -334,58 +300,28 @@ def _prosparse(model: nn.Module, train_batches: Iterable, config: ProSparseConfi
     initial_loss, initial_report = _evaluate(model, eval_batches, loss_fn, specs, device)
 
     relufy(model, "relu", specs=specs)  # step 1
-    optimizer = build_optimizer(model, config.lr, config.weight_decay)
-    start_step, history = _restore(model, optimizer, config, checkpoint_dir) if resume else (0, [])
-    step = start_step
-    batches = iter(train_batches)
-    for used in range(step):  # resuming: skip the batches the checkpointed steps trained on
-        if next(batches, None) is None:
-            raise ValueError(f"train_batches ran out after {used} batches while skipping the {step} already used")
-
     schedule = config.schedule
     regularizer = SparsityRegularizer(model, schedule, specs, config.normalization)  # step 2 (λ = 0 in step 1)
-    bar = tqdm(total=config.steps, initial=step, desc="prosparse", unit="step", leave=False, disable=not progress,
-               file=sys.stderr)
-    loss_sum, loss_steps = 0.0, 0
-    started = time.perf_counter()
+
+    def evaluate(model: nn.Module) -> dict:
+        val_loss, report = _evaluate(model, eval_batches, loss_fn, specs, device)
+        return {"lambda": regularizer.current_lambda, "val_loss": val_loss, "sparsity": report.average_sparsity}
+
+    loop = LoopConfig(steps=config.steps, lr=config.lr, min_lr=config.min_lr, warmup_steps=config.warmup_steps,
+                      weight_decay=config.weight_decay, clip_grad=config.clip_grad, eval_every=config.eval_every,
+                      desc="prosparse")
+    checkpoint = None if checkpoint_dir is None else Checkpointing(checkpoint_dir, config.to_dict())
     try:
-        model.train()
-        while step < config.steps:
-            batch = next(batches, None)
-            if batch is None:
-                raise ValueError(f"train_batches ran out after {step} batches; config.steps={config.steps} needs "
-                                 "as many (use an endless iterator such as lm_batches)")
-            loss, lr = _train_step(model, optimizer, regularizer, loss_fn, _pair(batch, device), step, config)
-            step += 1
-            check_finite_loss(loss, step, checkpoint_dir)
-            loss_sum, loss_steps = loss_sum + loss, loss_steps + 1
-            sparsity, lam = regularizer.last_sparsity, regularizer.current_lambda
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", lam=f"{lam:.2e}",
-                            sparsity="-" if sparsity is None else f"{sparsity:.3f}")
-            if step % config.eval_every and step < config.steps:
-                continue
-            val_loss, report = _evaluate(model, eval_batches, loss_fn, specs, device)
-            model.train()
-            history.append({"step": step, "lambda": lam, "lr": lr, "train_loss": loss_sum / loss_steps,
-                            "val_loss": val_loss, "sparsity": report.average_sparsity})
-            loss_sum, loss_steps = 0.0, 0
-            if progress:
-                bar.write(f"step {step}/{config.steps}: λ {lam:.3g}  train loss {history[-1]['train_loss']:.4f}  "
-                          f"val loss {val_loss:.4f}  sparsity {report.average_sparsity:.4f}", file=sys.stderr)
-            if checkpoint_dir is not None:
-                tensors, param_groups = training_state_tensors(model, optimizer)
-                save_checkpoint(checkpoint_dir, tensors, {"step": step, "history": history,
-                                                          "config": config.to_dict(), "param_groups": param_groups})
+        done = fit(model, (_pair(batch, device) for batch in train_batches), loss_fn, loop, evaluate=evaluate,
+                   extra_losses=[lambda step, model: regularizer.loss(step)], checkpoint=checkpoint, resume=resume,
+                   progress=progress)
     finally:
-        bar.close()
         regularizer.remove()
-    seconds = time.perf_counter() - started
 
     relufy(model, "fatrelu", config.threshold, specs)  # step 3
     final_loss, report = _evaluate(model, eval_batches, loss_fn, specs, device)
     return ProSparseResult(
-        config=config.to_dict(), schedule=[list(stage) for stage in schedule.stages], start_step=start_step,
-        seconds=round(seconds, 3), initial_val_loss=initial_loss, initial_sparsity=initial_report.average_sparsity,
+        config=config.to_dict(), schedule=[list(stage) for stage in schedule.stages], start_step=done.start_step,
+        seconds=done.seconds, initial_val_loss=initial_loss, initial_sparsity=initial_report.average_sparsity,
         final_val_loss=final_loss, final_perplexity=math.exp(final_loss) if final_loss < 700 else math.inf,
-        final_sparsity=report.average_sparsity, report=report, history=history)
+        final_sparsity=report.average_sparsity, report=report, history=done.history)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from .._checks import check_int, check_real
-from .optim import check_optimizer_settings
+from .._checks import check_int, check_real, config_from_dict
+from ..engine.optim import check_optimizer_settings
 
 DEFAULT_MODEL = "swin_nano_patch2_window4_32"
 COMPRESS_CHOICES = ("none", "int8", "int4", "int2")
@@ -62,11 +62,3 @@ class TrainConfig:
     def from_dict(cls, values: dict) -> TrainConfig:
         return config_from_dict(cls, values, "training")
 
-
-def config_from_dict(cls: type, values: dict, what: str):
-    """``cls(**values)`` for a config dataclass, refusing unknown keys by name (e.g. from a newer checkpoint)."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown {what} config field(s) {unknown}; known: {sorted(known)}")
-    return cls(**values)

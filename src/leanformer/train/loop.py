@@ -1,22 +1,20 @@
-"""The reference training loop the CLI runs: small enough to read in one sitting.
+"""Image classification on the training engine: what `leanformer train` runs.
 
-`Trainer(config).fit()` builds the data and model, trains with AdamW (warmup + cosine, label
-smoothing, gradient clipping), evaluates every epoch, checkpoints `last/` and `best/` and can
-resume exactly. It holds its output folder's lock while it runs, refuses a folder holding another
-run unless told to overwrite it, and stops at the first non-finite loss, keeping the last good
-checkpoint. Two explicit extension points let the other pillars plug in without touching the
-loop:
+`Trainer(config).fit()` builds the data and model, trains them with `leanformer.engine.fit` (AdamW, warmup +
+cosine, label smoothing, gradient clipping), evaluates every epoch, checkpoints `last/` and `best/` and can
+resume exactly. It holds its output folder's lock while it runs, refuses a folder holding another run unless
+told to overwrite it, and stops at the first non-finite loss, keeping the last good checkpoint. Under torchrun
+each process reads its shard of every global batch (`ShardedEpochSampler`). Two extension points let the other
+pillars plug in without touching the job:
 
 - `transforms`: functions `model -> model` applied after the model is built and before the
   optimizer sees its parameters (activation compression, ReLUfication, adapters);
-- `extra_losses`: functions `model -> scalar tensor` added to the task loss after every forward
-  (e.g. a sparsity regulariser).
+- `extra_losses`: functions `(step, model) -> scalar tensor` added to the task loss after every forward
+  (e.g. a sparsity regulariser whose weight follows the step); `callbacks`: `leanformer.engine.Callback`s.
 """
 
 from __future__ import annotations
 
-import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,32 +22,21 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from .._io import write_json_atomic
 from .._process import peak_rss_mb
 from .._runfolder import claim_run_folder
 from ..data import load_data
+from ..engine import Callback, Checkpointing, LoopConfig, ShardedEpochSampler, fit, process_group
+from ..engine.checkpoint import resolve_resume_folder, resume_run_folder
+from ..engine.distributed import DistContext, sum_across_processes
 from ..memory import CompressionConfig, compress_activations, saved_activation_bytes
 from ..models import create_model
-from .checkpoint import (
-    check_finite_loss,
-    check_same_run,
-    load_checkpoint_folder,
-    resolve_resume_folder,
-    restore_training_state,
-    resume_run_folder,
-    save_checkpoint,
-    training_state_tensors,
-)
 from .config import TrainConfig
-from .distributed import DistContext, ShardedEpochSampler, init_distributed, shutdown_distributed, sum_across_processes
-from .optim import build_optimizer, lr_at, set_lr
 
 ModelTransform = Callable[[nn.Module], nn.Module]
-ExtraLoss = Callable[[nn.Module], torch.Tensor]
+ExtraLoss = Callable[[int, nn.Module], torch.Tensor]
 
 
 @dataclass
@@ -76,8 +63,6 @@ class TrainResult:
 RESUMABLE_CHANGES = ("epochs", "workers")
 # what a run leaves in its output folder: a fresh run refuses a folder holding any of them (unless overwrite)
 RUN_OUTPUTS = ("last", "best", "result.json")
-# meta.json fields a resumed run reads
-RESUME_FIELDS = ("epoch", "best_val_acc", "history", "config")
 
 
 class Trainer:
@@ -92,21 +77,18 @@ class Trainer:
         extra_losses: Sequence[ExtraLoss] = (),
         progress: bool = True,
         overwrite: bool = False,
+        callbacks: Sequence[Callback] = (),
     ):
         self.config = config
         self.output = Path(output) if output is not None else None
-        self.transforms, self.extra_losses = list(transforms), list(extra_losses)
+        self.transforms, self.extra_losses, self.callbacks = list(transforms), list(extra_losses), list(callbacks)
         self.progress = progress
         self.overwrite = overwrite
         self.activations = None  # saved-activation accounting of the run's first training step
 
     def fit(self, resume: str | Path | None = None) -> TrainResult:
-        ctx = init_distributed()
-        try:
-            with self._claim_output(ctx, resume):
-                return self._fit(ctx, resume)
-        finally:
-            shutdown_distributed(ctx)
+        with process_group() as ctx, self._claim_output(ctx, resume):
+            return self._fit(ctx, resume)
 
     def _claim_output(self, ctx: DistContext, resume: str | Path | None):
         """The output folder's lock, held by the process that writes it (rank 0); resuming into it keeps its run."""
@@ -140,47 +122,47 @@ class Trainer:
         val_loader = DataLoader(data.val, batch_size=local_batch, sampler=val_sampler, num_workers=cfg.workers)
         return data, model, train_loader, val_loader, steps_per_epoch
 
-    # -- the loop -----------------------------------------------------------------------------
+    # -- the job on the engine ----------------------------------------------------------------
 
     def _fit(self, ctx: DistContext, resume: str | Path | None) -> TrainResult:
         cfg = self.config
         data, model, train_loader, val_loader, steps_per_epoch = self._build(ctx)
-        optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
-        start_epoch, step, best_acc, history = 0, 0, 0.0, []
-        if resume is not None:
-            tensors, meta = load_checkpoint_folder(resolve_resume_folder(resume), require=RESUME_FIELDS)
-            check_same_run(meta["config"], cfg.to_dict(), RESUMABLE_CHANGES)
-            self._check_resumed_position(meta, steps_per_epoch)
-            restore_training_state(model, optimizer, tensors, meta["param_groups"])
-            start_epoch, step, best_acc, history = meta["epoch"], meta["step"], meta["best_val_acc"], meta["history"]
-        net = DistributedDataParallel(model) if ctx.enabled else model
-        total_steps = cfg.epochs * steps_per_epoch
-        warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-        train_seconds, train_steps, val_acc = 0.0, 0, history[-1]["val_acc"] if history else 0.0
-        for epoch in range(start_epoch, cfg.epochs):
-            train_loader.sampler.set_epoch(epoch)
-            started = time.perf_counter()
-            stats = self._train_epoch(net, model, optimizer, train_loader, ctx, epoch, step, total_steps, warmup_steps)
-            train_seconds += time.perf_counter() - started
-            step += steps_per_epoch
-            train_steps += steps_per_epoch
-            val_loss, val_acc = self._evaluate(net, val_loader, ctx)
-            history.append({"epoch": epoch + 1, "step": step, **stats, "val_loss": val_loss, "val_acc": val_acc})
-            improved = val_acc > best_acc
-            best_acc = max(best_acc, val_acc)
-            if ctx.is_main and self.output is not None:
-                self._save(model, optimizer, epoch + 1, step, best_acc, history, improved)
-            if ctx.is_main and self.progress:
-                print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {stats['train_loss']:.4f} "
-                      f"acc {stats['train_acc']:.4f} | val loss {val_loss:.4f} acc {val_acc:.4f}"
-                      f"{' (best)' if improved else ''}", file=sys.stderr)
-        images = train_steps * cfg.batch_size
+        loss = _ClassificationLoss(cfg.label_smoothing, model)
+        epochs = _EpochRecord(steps_per_epoch, cfg.epochs)
+
+        def batches(start: int):
+            for epoch in range(start // steps_per_epoch, cfg.epochs):
+                train_loader.sampler.set_epoch(epoch)
+                for images, labels in train_loader:
+                    yield images.to(ctx.device), labels.to(ctx.device)
+
+        def evaluate(model: nn.Module) -> dict:
+            val_loss, val_acc = _evaluate(model, val_loader, ctx)
+            return {"epoch": epochs.completed(), "train_acc": loss.take_accuracy(ctx), "val_loss": val_loss,
+                    "val_acc": val_acc}
+
+        last, best = (None, None) if self.output is None else (self.output / "last", self.output / "best")
+        checkpoint = Checkpointing(last, cfg.to_dict(), RESUMABLE_CHANGES, extra=epochs.meta, best_folder=best,
+                                   best_metric=None if best is None else "val_acc")
+        loop = LoopConfig(steps=cfg.epochs * steps_per_epoch, lr=cfg.lr, min_lr=cfg.min_lr,
+                          warmup_steps=min(round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch),
+                          weight_decay=cfg.weight_decay, clip_grad=cfg.clip_grad, eval_every=steps_per_epoch,
+                          desc="train")
+        done = fit(model, batches, loss, loop, evaluate=evaluate, extra_losses=self.extra_losses,
+                   callbacks=[epochs, *self.callbacks], checkpoint=checkpoint,
+                   resume=False if resume is None else resolve_resume_folder(resume),
+                   shard_batches=False, progress=self.progress)
+        self.activations = loss.activations
+        history = done.history
+        steps_run = done.step - done.start_step
+        images = steps_run * cfg.batch_size
         result = TrainResult(
             config=cfg.to_dict(), params=sum(p.numel() for p in model.parameters()),
-            epochs_run=cfg.epochs - start_epoch,
-            steps=step, best_val_acc=best_acc, final_val_acc=val_acc, seconds=round(train_seconds, 3),
-            seconds_per_step=train_seconds / train_steps if train_steps else 0.0,
-            images_per_s=images / train_seconds if train_seconds else 0.0, peak_memory_mb=peak_rss_mb(),
+            epochs_run=steps_run // steps_per_epoch, steps=done.step,
+            best_val_acc=max((entry["val_acc"] for entry in history), default=0.0),
+            final_val_acc=history[-1]["val_acc"] if history else 0.0, seconds=done.seconds,
+            seconds_per_step=done.seconds / steps_run if steps_run else 0.0,
+            images_per_s=images / done.seconds if done.seconds else 0.0, peak_memory_mb=peak_rss_mb(),
             saved_activation_mb=self.activations.stored_bytes / 2**20 if self.activations else 0.0,
             saved_activation_ratio=self.activations.ratio if self.activations else 1.0,
             world_size=ctx.world_size, rank=ctx.rank, output=str(self.output) if self.output else None,
@@ -190,67 +172,76 @@ class Trainer:
             write_json_atomic(self.output / "result.json", result.__dict__)
         return result
 
-    def _train_epoch(self, net, model, optimizer, loader, ctx, epoch, step, total_steps, warmup_steps) -> dict:
-        cfg = self.config
-        net.train()
-        loss_sum = correct = seen = 0.0
-        bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False,
-                   disable=not (ctx.is_main and self.progress), file=sys.stderr)
-        started = time.perf_counter()
-        for images, labels in loader:
-            images, labels = images.to(ctx.device), labels.to(ctx.device)
-            set_lr(optimizer, lr_at(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr))
-            if self.activations is None:  # measure what the first step keeps for backward
-                with saved_activation_bytes(model) as self.activations:
-                    logits = net(images)
-            else:
+
+class _ClassificationLoss:
+    """Cross-entropy with label smoothing; counts training accuracy between evaluations, and measures what the
+    run's first step keeps for backward (`saved_activation_bytes`)."""
+
+    def __init__(self, label_smoothing: float, model: nn.Module):
+        self.label_smoothing, self.model = label_smoothing, model
+        self.correct = self.seen = 0.0
+        self.activations = None
+
+    def __call__(self, net: nn.Module, batch) -> torch.Tensor:
+        images, labels = batch
+        if self.activations is None:
+            with saved_activation_bytes(self.model) as self.activations:
                 logits = net(images)
-            loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
-            total = loss + sum((extra(model) for extra in self.extra_losses), torch.zeros((), device=ctx.device))
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            if cfg.clip_grad is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            optimizer.step()
-            step += 1
-            check_finite_loss(total.item(), step, None if self.output is None else self.output / "last")
-            loss_sum += loss.item() * len(labels)
-            correct += float((logits.argmax(1) == labels).sum())
-            seen += len(labels)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
-                            img_s=f"{seen * ctx.world_size / (time.perf_counter() - started):.0f}")
-        bar.close()
-        loss_sum, correct, seen = sum_across_processes([loss_sum, correct, seen], ctx)
-        return {"train_loss": loss_sum / seen, "train_acc": correct / seen}
-
-    def _check_resumed_position(self, meta: dict, steps_per_epoch: int) -> None:
-        """A resumed run goes forward from where its checkpoint is, which must be the end of an epoch."""
-        epoch, step = meta["epoch"], meta["step"]
-        if epoch > self.config.epochs:
-            raise ValueError(f"epochs={self.config.epochs}: the checkpoint has already completed {epoch} epochs; "
-                             f"give at least --epochs {epoch}")
-        if step != epoch * steps_per_epoch or len(meta["history"]) != epoch:
-            raise ValueError(f"checkpoint of epoch {epoch}: step {step} and {len(meta['history'])} history entries "
-                             f"do not match {epoch} epochs of {steps_per_epoch} steps")
-
-    @torch.no_grad()
-    def _evaluate(self, net, loader, ctx) -> tuple[float, float]:
-        net.eval()
-        loss_sum = correct = seen = 0.0
-        for images, labels in loader:
-            images, labels = images.to(ctx.device), labels.to(ctx.device)
+        else:
             logits = net(images)
-            loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-            correct += float((logits.argmax(1) == labels).sum())
-            seen += len(labels)
-        loss_sum, correct, seen = sum_across_processes([loss_sum, correct, seen], ctx)
-        return loss_sum / seen, correct / seen
+        self.correct += float((logits.argmax(1) == labels).sum())
+        self.seen += len(labels)
+        return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
 
-    def _save(self, model, optimizer, epoch, step, best_acc, history, improved) -> None:
-        tensors, param_groups = training_state_tensors(model, optimizer)
-        meta = {"epoch": epoch, "step": step, "best_val_acc": best_acc, "history": history,
-                "config": self.config.to_dict(), "param_groups": param_groups}
-        save_checkpoint(self.output / "last", tensors, meta)
-        if improved:
-            save_checkpoint(self.output / "best", tensors, meta)
+    def take_accuracy(self, ctx: DistContext) -> float:
+        correct, seen = sum_across_processes([self.correct, self.seen], ctx)
+        self.correct = self.seen = 0.0
+        return correct / seen if seen else 0.0
+
+
+class _EpochRecord(Callback):
+    """Epochs on the engine's steps: the checkpoint's ``epoch`` and ``best_val_acc`` fields, and the check that
+    a resumed run starts at the end of an epoch and does not go backwards."""
+
+    def __init__(self, steps_per_epoch: int, epochs: int):
+        self.steps_per_epoch, self.epochs = steps_per_epoch, epochs
+        self.step, self.best = 0, 0.0
+
+    def check_start(self, step: int) -> None:
+        epoch = step // self.steps_per_epoch
+        if step % self.steps_per_epoch:
+            raise ValueError(f"checkpoint at step {step}: not the end of an epoch of {self.steps_per_epoch} steps")
+        if epoch > self.epochs:
+            raise ValueError(f"epochs={self.epochs}: the checkpoint has already completed {epoch} epochs; "
+                             f"give at least --epochs {epoch}")
+
+    def completed(self) -> int:
+        return self.step // self.steps_per_epoch
+
+    def on_step(self, step: int, model: nn.Module, batch, loss: float) -> None:
+        self.step = step
+
+    def on_eval(self, step: int, model: nn.Module, entry: dict) -> None:
+        self.best = max(self.best, entry["val_acc"])
+
+    def on_resume(self, meta: dict, model: nn.Module) -> None:
+        self.check_start(meta["step"])
+        self.step = meta["step"]
+        self.best = max((entry["val_acc"] for entry in meta["history"]), default=0.0)
+
+    def meta(self) -> dict:
+        return {"epoch": self.completed(), "best_val_acc": self.best}
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, loader: DataLoader, ctx: DistContext) -> tuple[float, float]:
+    """(loss, accuracy) over this process's shard of the validation set, summed over all processes."""
+    loss_sum = correct = seen = 0.0
+    for images, labels in loader:
+        images, labels = images.to(ctx.device), labels.to(ctx.device)
+        logits = model(images)
+        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        correct += float((logits.argmax(1) == labels).sum())
+        seen += len(labels)
+    loss_sum, correct, seen = sum_across_processes([loss_sum, correct, seen], ctx)
+    return loss_sum / seen, correct / seen

@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .._checks import is_int
+from .._checks import config_from_dict, is_int
 from .._io import write_files_atomic, write_json_atomic
 from .._loading import hf_from_pretrained
 from .._runfolder import claim_run_folder
@@ -45,7 +45,7 @@ from ..adapters import SMoRAConfig, add_smora, load_adapter, routing_report, sav
 from ..adapters.model import target_names
 from ..data.tasks import TaskData, encode_labels, label_vocab
 from ..data.text import load_tokenizer
-from .checkpoint import (
+from ..engine.checkpoint import (
     check_finite_loss,
     check_same_run,
     load_checkpoint_folder,
@@ -53,8 +53,7 @@ from .checkpoint import (
     save_checkpoint,
     training_state_tensors,
 )
-from .config import config_from_dict
-from .optim import build_optimizer, check_optimizer_settings, lr_at, set_lr
+from ..engine.optim import build_optimizer, check_optimizer_settings, lr_at, set_lr
 
 __all__ = ["ADAPTERS", "TASK_SAMPLING", "FinetuneConfig", "FinetuneResult", "MultiTaskClassifier",
            "activated_adapter_params", "add_adapters", "check_task_name", "finetune", "load_finetuned", "mean_pool",

@@ -4,8 +4,8 @@ import re
 import pytest
 
 from leanformer import create_model
+from leanformer.engine.optim import lr_at, param_groups
 from leanformer.train.config import TrainConfig
-from leanformer.train.optim import lr_at, param_groups
 
 
 def test_schedule_warms_up_then_follows_cosine():
@@ -48,7 +48,7 @@ def test_config_round_trips_and_rejects_unknown_fields():
 
 
 def test_sampler_shards_cover_the_same_global_batches():
-    from leanformer.train.distributed import ShardedEpochSampler
+    from leanformer.engine.distributed import ShardedEpochSampler
 
     single = list(ShardedEpochSampler(103, 8, seed=3))
     shards = [list(ShardedEpochSampler(103, 8, rank=r, world_size=2, seed=3)) for r in range(2)]

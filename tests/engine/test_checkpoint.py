@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from leanformer.train.checkpoint import (
+from leanformer.engine.checkpoint import (
     load_checkpoint_folder,
     meta_digest,
     restore_training_state,

@@ -8,7 +8,8 @@ the number of processes, so N processes train exactly like one with the same glo
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,19 @@ def shutdown_distributed(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
+@contextmanager
+def process_group() -> Iterator[DistContext]:
+    """This process's place in the torchrun group inside the block (a single process without torchrun). The
+    group is joined if it is not yet and then left at the end: nested blocks (a job calling `fit`) share it."""
+    joined = dist.is_available() and dist.is_initialized()
+    ctx = init_distributed()
+    try:
+        yield ctx
+    finally:
+        if not joined:
+            shutdown_distributed(ctx)
+
+
 def sum_across_processes(values: list[float], ctx: DistContext) -> list[float]:
     """Element-wise sum of a few numbers over all processes (float64, so counts stay exact)."""
     if not ctx.enabled:
@@ -57,6 +71,24 @@ def sum_across_processes(values: list[float], ctx: DistContext) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=ctx.device)
     dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def shard(batch, rank: int, world_size: int):
+    """This process's slice of a global batch: every tensor of ``batch`` (nested in tuples, lists and dicts) cut
+    along its first dimension into ``world_size`` equal parts; other values are kept as they are."""
+    if world_size == 1:
+        return batch
+    if torch.is_tensor(batch):
+        if batch.dim() == 0 or batch.shape[0] % world_size:
+            raise ValueError(f"a batch of {batch.shape[0] if batch.dim() else 0} examples cannot be split evenly "
+                             f"over {world_size} processes: make the batch size a multiple of {world_size}")
+        local = batch.shape[0] // world_size
+        return batch[rank * local:(rank + 1) * local]
+    if isinstance(batch, Mapping):
+        return {key: shard(value, rank, world_size) for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(shard(value, rank, world_size) for value in batch)
+    return batch
 
 
 class ShardedEpochSampler(Sampler[int]):

@@ -1,0 +1,14 @@
+"""The training engine every leanformer job runs on: one loop (`fit`), its checkpoints, optimiser and torchrun.
+
+It imports no pillar; image classification (`leanformer.train`), ProSparse (`leanformer.sparsity`) and
+multi-task adapter fine-tuning (`leanformer.adapters`) are built on it, and so can your own jobs.
+"""
+
+from .checkpoint import CheckpointWriteError, NonFiniteLossError, load_checkpoint_folder, save_checkpoint
+from .distributed import DistContext, ShardedEpochSampler, process_group, shard
+from .loop import Callback, Checkpointing, FitResult, LoopConfig, check_resume, fit
+from .optim import build_optimizer, lr_at
+
+__all__ = ["Callback", "CheckpointWriteError", "Checkpointing", "DistContext", "FitResult", "LoopConfig",
+           "NonFiniteLossError", "ShardedEpochSampler", "build_optimizer", "check_resume", "fit", "process_group",
+           "load_checkpoint_folder", "lr_at", "save_checkpoint", "shard"]
