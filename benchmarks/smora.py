@@ -26,8 +26,9 @@ import torch
 
 from leanformer._io import write_json_atomic
 from leanformer.data.tasks import TaskData, load_task
+from leanformer.engine import train_step
 from leanformer.engine.optim import build_optimizer
-from leanformer.train.multitask import FinetuneConfig, MultiTaskClassifier, add_adapters, finetune, train_step
+from leanformer.train.multitask import FinetuneConfig, MultiTaskClassifier, add_adapters, finetune, task_loss
 
 try:
     from benchmarks._common import RESULTS, machine_info, results_file, time_interleaved
@@ -88,8 +89,8 @@ def run_accuracy(args: argparse.Namespace, tasks, results: dict) -> None:
 
 
 def time_steps(args: argparse.Namespace, tasks) -> dict:
-    """Seconds per training step (forward, backward, clipping, AdamW: `train_step`, as `finetune` runs it) of every
-    arm, interleaved, on one SST-2 batch."""
+    """Seconds per training step (forward, backward, clipping, AdamW: the engine's `train_step`, as `finetune`
+    runs it) of every arm, interleaved, on one SST-2 batch."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(args.base))
@@ -105,8 +106,8 @@ def time_steps(args: argparse.Namespace, tasks) -> dict:
         model, _ = add_adapters(MultiTaskClassifier.from_pretrained(args.base, {"sst2": 2}), config)
         optimizer = build_optimizer(model, config.lr, config.weight_decay)
         params = [p for p in model.parameters() if p.requires_grad]
-        steps[arm] = lambda m=model, o=optimizer, p=params, c=config: train_step(m, o, p, inputs, labels, "sst2",
-                                                                                  c.lr, c.clip_grad)
+        steps[arm] = lambda m=model, o=optimizer, p=params, c=config: train_step(
+            m, o, task_loss, [("sst2", inputs, labels)], lr=c.lr, clip_grad=c.clip_grad, params=p)
     timings = time_interleaved(steps, args.timing_runs, warmup=3)
     anchor = timings[ANCHOR]["median_s"] if ANCHOR in timings else None
     return {arm: {**t, "vs_lora_r64": None if anchor is None else t["median_s"] / anchor} for arm, t in timings.items()}

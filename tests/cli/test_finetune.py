@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from leanformer.cli.main import build_parser, main
-from leanformer.train import multitask
+from leanformer.engine import loop as engine_loop
 
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
@@ -68,7 +68,7 @@ def test_json_output_and_held_out_test_split(tiny_bert_dir, keyword_task_files, 
 def test_resume_after_an_interruption(tiny_bert_dir, task_args, tmp_path, monkeypatch, capsys):
     args = ["finetune", "--base", str(tiny_bert_dir), *task_args, *RUN]
     assert main([*args, "--out", str(tmp_path / "whole")]) == 0
-    step, calls = multitask.train_step, []
+    step, calls = engine_loop.train_step, []
 
     def interrupted(*a, **k):
         calls.append(1)
@@ -76,9 +76,9 @@ def test_resume_after_an_interruption(tiny_bert_dir, task_args, tmp_path, monkey
             raise KeyboardInterrupt
         return step(*a, **k)
 
-    monkeypatch.setattr(multitask, "train_step", interrupted)
+    monkeypatch.setattr(engine_loop, "train_step", interrupted)
     assert main([*args, "--out", str(tmp_path / "cut")]) == 130
-    monkeypatch.setattr(multitask, "train_step", step)
+    monkeypatch.setattr(engine_loop, "train_step", step)
     assert main([*args, "--out", str(tmp_path / "cut"), "--resume"]) == 0
     capsys.readouterr()
     whole, cut = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("whole", "cut"))

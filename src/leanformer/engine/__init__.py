@@ -6,9 +6,9 @@ multi-task adapter fine-tuning (`leanformer.adapters`) are built on it, and so c
 
 from .checkpoint import CheckpointWriteError, NonFiniteLossError, load_checkpoint_folder, save_checkpoint
 from .distributed import DistContext, ShardedEpochSampler, process_group, shard
-from .loop import Callback, Checkpointing, FitResult, LoopConfig, check_resume, fit
+from .loop import Callback, Checkpointing, FitResult, LoopConfig, check_resume, fit, train_step
 from .optim import build_optimizer, lr_at
 
 __all__ = ["Callback", "CheckpointWriteError", "Checkpointing", "DistContext", "FitResult", "LoopConfig",
            "NonFiniteLossError", "ShardedEpochSampler", "build_optimizer", "check_resume", "fit", "process_group",
-           "load_checkpoint_folder", "lr_at", "save_checkpoint", "shard"]
+           "load_checkpoint_folder", "lr_at", "save_checkpoint", "shard", "train_step"]

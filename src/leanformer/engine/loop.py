@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -45,7 +46,7 @@ from .checkpoint import (
 from .distributed import process_group, shard, sum_across_processes
 from .optim import build_optimizer, check_optimizer_settings, lr_at, set_lr
 
-__all__ = ["Callback", "Checkpointing", "FitResult", "LoopConfig", "check_resume", "fit"]
+__all__ = ["Callback", "Checkpointing", "FitResult", "LoopConfig", "check_resume", "fit", "train_step"]
 
 LossFn = Callable[[nn.Module, object], torch.Tensor]
 ExtraLoss = Callable[[int, nn.Module], torch.Tensor]
@@ -177,6 +178,30 @@ def fit(model: nn.Module, batches: Iterable | Callable[[int], Iterable], loss_fn
                      ctx, progress).run(batches, source, shard_batches, find_unused_parameters)
 
 
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, batches: Sequence, *,
+               lr: float, clip_grad: float | None = None, params: Sequence[nn.Parameter] | None = None,
+               extra_loss: Callable[[], torch.Tensor] | None = None) -> tuple[float, float]:
+    """One optimiser step at ``lr`` over the micro-batches ``batches`` (their gradients averaged), the gradient
+    norm of ``params`` (default: the optimiser's) clipped to ``clip_grad``; ``extra_loss()`` is added to each
+    micro-batch's loss. Returns (mean task loss, mean total loss); a non-finite total is returned without
+    applying the update. This is `fit`'s step, callable on its own (to time one step as `fit` runs it)."""
+    set_lr(optimizer, lr)
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = total_sum = 0.0
+    for batch in batches:
+        loss = loss_fn(model, batch)
+        total = loss if extra_loss is None else loss + extra_loss().to(loss.device)
+        (total / len(batches)).backward()
+        loss_sum, total_sum = loss_sum + loss.item(), total_sum + total.item()
+    if not math.isfinite(total_sum):
+        return loss_sum / len(batches), total_sum / len(batches)
+    if clip_grad is not None:
+        params = params if params is not None else [p for group in optimizer.param_groups for p in group["params"]]
+        nn.utils.clip_grad_norm_(params, clip_grad)
+    optimizer.step()
+    return loss_sum / len(batches), total_sum / len(batches)
+
+
 class _Loop:
     """The state of one `fit` call; its methods are the parts of the loop."""
 
@@ -221,7 +246,7 @@ class _Loop:
             bar.close()
         timed = durations[TIMING_SKIP:] or durations
         return FitResult(step=self.step, start_step=start, history=self.history, seconds=round(sum(durations), 3),
-                         seconds_per_step=sorted(timed)[len(timed) // 2] if timed else None)
+                         seconds_per_step=statistics.median(timed) if timed else None)
 
     def _batches(self, batches, start: int, shard_batches: bool) -> Iterator:
         skip = start * self.config.accumulate
@@ -240,10 +265,7 @@ class _Loop:
         """One optimiser step over ``accumulate`` batches; (mean task loss, learning rate, the last batch)."""
         config = self.config
         lr = lr_at(self.step, config.steps, config.warmup_steps, config.lr, config.min_lr)
-        set_lr(self.optimizer, lr)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = total_sum = 0.0
-        batch = None
+        batches = []
         for micro in range(config.accumulate):
             batch = next(source, None)
             if batch is None:
@@ -251,16 +273,15 @@ class _Loop:
                 raise ValueError(f"the batches ran out after {used} batches; {config.steps} steps x {config.accumulate}"
                                  f" need {config.steps * config.accumulate} (an endless iterator such as lm_batches "
                                  "gives as many)")
-            loss = self.loss_fn(net, batch)
-            total = loss + sum((extra(self.step, self.model) for extra in self.extra_losses), loss.new_zeros(()))
-            (total / config.accumulate).backward()
-            loss_sum, total_sum = loss_sum + loss.item(), total_sum + total.item()
+            batches.append(batch)
+        step = self.step
+        extra = (lambda: sum((f(step, self.model) for f in self.extra_losses), torch.zeros(()))) \
+            if self.extra_losses else None
+        loss, total = train_step(net, self.optimizer, self.loss_fn, batches, lr=lr, clip_grad=config.clip_grad,
+                                 params=self.params, extra_loss=extra)
         # a NaN penalty stops the run as a NaN task loss does: after it every update is NaN
-        check_finite_loss(total_sum, self.step + 1, self.checkpoint and self.checkpoint.folder)
-        if config.clip_grad is not None:
-            nn.utils.clip_grad_norm_(self.params, config.clip_grad)
-        self.optimizer.step()
-        return loss_sum / config.accumulate, lr, batch
+        check_finite_loss(total, self.step + 1, self.checkpoint and self.checkpoint.folder)
+        return loss, lr, batches[-1]
 
     def _evaluation_due(self) -> bool:
         every = self.config.eval_every
@@ -278,9 +299,7 @@ class _Loop:
             callback.on_eval(self.step, self.model, entry)
         self.history.append(entry)
         if self.progress:
-            figures = "  ".join(f"{key} {value:.4g}" for key, value in entry.items()
-                                if key not in ("step", "lr") and isinstance(value, float))
-            bar.write(f"{self.config.desc} step {self.step}/{self.config.steps}: {figures}", file=sys.stderr)
+            bar.write(f"{self.config.desc} step {self.step}/{self.config.steps}: {_figures(entry)}", file=sys.stderr)
         if self.checkpoint is not None and self.checkpoint.folder is not None and self.ctx.is_main:
             self._save(entry)
 
@@ -307,3 +326,16 @@ class _Loop:
             callback.on_resume(meta, self.model)
         if self.step > self.config.steps:
             raise ValueError(f"steps={self.config.steps}: the checkpoint in {folder} is at step {self.step} already")
+
+
+def _figures(entry: dict) -> str:
+    """The numbers of a history entry on one line: floats, and the floats of a dict one level down."""
+    parts = []
+    for key, value in entry.items():
+        if key == "lr":
+            continue
+        if isinstance(value, float):
+            parts.append(f"{key} {value:.4g}")
+        elif isinstance(value, dict) and key not in ("step", "lr"):
+            parts.extend(f"{key}[{k}] {v:.4g}" for k, v in value.items() if isinstance(v, float))
+    return "  ".join(parts)

@@ -26,8 +26,6 @@ import inspect
 import json
 import re
 import statistics
-import sys
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +33,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from .._checks import config_from_dict, is_int
 from .._io import write_files_atomic, write_json_atomic
@@ -45,24 +42,16 @@ from ..adapters import SMoRAConfig, add_smora, load_adapter, routing_report, sav
 from ..adapters.model import target_names
 from ..data.tasks import TaskData, encode_labels, label_vocab
 from ..data.text import load_tokenizer
-from ..engine.checkpoint import (
-    check_finite_loss,
-    check_same_run,
-    load_checkpoint_folder,
-    restore_training_state,
-    save_checkpoint,
-    training_state_tensors,
-)
-from ..engine.optim import build_optimizer, check_optimizer_settings, lr_at, set_lr
+from ..engine import Callback, Checkpointing, LoopConfig, check_resume, fit, process_group
+from ..engine.optim import check_optimizer_settings
 
 __all__ = ["ADAPTERS", "TASK_SAMPLING", "FinetuneConfig", "FinetuneResult", "MultiTaskClassifier",
            "activated_adapter_params", "add_adapters", "check_task_name", "finetune", "load_finetuned", "mean_pool",
-           "task_batches", "train_step"]
+           "task_batches", "task_loss"]
 
 ADAPTERS = ("smora", "lora")
 TASK_SAMPLING = ("proportional", "uniform")
 WARMUP_FRACTION = 0.1  # default warmup: the SMoRA paper's warmup ratio
-TIMING_SKIP = 3  # first steps of a session left out of seconds_per_step (allocator and kernel warm-up)
 _TASK_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 
 Tasks = Mapping[str, tuple[TaskData, TaskData]]
@@ -363,20 +352,6 @@ def _accuracy(model: nn.Module, tests: Mapping[str, _Encoded], batch_size: int, 
     return accuracy
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
-                inputs: dict[str, torch.Tensor], labels: torch.Tensor, task: str, lr: float,
-                clip_grad: float | None) -> float:
-    """One AdamW step on one task's batch (lr set, gradients of ``params`` clipped); returns the loss."""
-    set_lr(optimizer, lr)
-    loss = F.cross_entropy(model(**inputs, task=task), labels)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if clip_grad is not None:
-        nn.utils.clip_grad_norm_(params, clip_grad)
-    optimizer.step()
-    return loss.item()
-
-
 def _task_labels(tasks: Tasks) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, dict]]:
     """(train and test label ids, description) per task; bad names, single-class tasks and test labels unseen in
     training are refused here, before anything is loaded."""
@@ -398,18 +373,6 @@ def _task_labels(tasks: Tasks) -> tuple[dict[str, tuple[torch.Tensor, torch.Tens
 RUN_OUTPUTS = ("checkpoint", "adapter", "metrics.json", "labels.json")
 
 
-def _checkpoint_dir(out_dir: Path | None, resume: bool) -> Path | None:
-    """out_dir/checkpoint, which must hold a checkpoint to resume (a new run's folder is checked under its lock)."""
-    if out_dir is None:
-        if resume:
-            raise ValueError("resume=True needs out_dir, the folder of the run to continue")
-        return None
-    folder = out_dir / "checkpoint"
-    if resume and not (folder / "meta.json").is_file():
-        raise ValueError(f"resume: no checkpoint in {folder}")
-    return folder
-
-
 def finetune(base_dir: str | Path, tasks: Tasks, config: FinetuneConfig, out_dir: str | Path | None = None,
              resume: bool = False, progress: bool = True, device: str | torch.device | None = None,
              overwrite: bool = False) -> FinetuneResult:
@@ -429,17 +392,20 @@ def finetune(base_dir: str | Path, tasks: Tasks, config: FinetuneConfig, out_dir
     """
     labels, summary = _task_labels(tasks)
     out_dir = None if out_dir is None else Path(out_dir)
-    checkpoint_dir = _checkpoint_dir(out_dir, resume)
-    with claim_run_folder(out_dir, RUN_OUTPUTS, resume=resume, overwrite=overwrite):
-        return _finetune(base_dir, tasks, config, out_dir, checkpoint_dir, resume, progress, device, labels, summary)
+    checkpoint_dir = None if out_dir is None else out_dir / "checkpoint"
+    check_resume(checkpoint_dir, resume, "out_dir")
+    with process_group() as ctx, claim_run_folder(out_dir if ctx.is_main else None, RUN_OUTPUTS, resume=resume,
+                                                  overwrite=overwrite):
+        return _finetune(base_dir, tasks, config, out_dir if ctx.is_main else None, checkpoint_dir, resume,
+                         progress and ctx.is_main, torch.device(device) if device else ctx.device, labels, summary)
 
 
 def _finetune(base_dir: str | Path, tasks: Tasks, config: FinetuneConfig, out_dir: Path | None,
-              checkpoint_dir: Path | None, resume: bool, progress: bool, device: str | torch.device | None,
+              checkpoint_dir: Path | None, resume: bool, progress: bool, device: torch.device,
               labels: dict, summary: dict) -> FinetuneResult:
-    """`finetune` once the tasks are checked and its output folder (if any) is held by this process."""
+    """`finetune` once the tasks are checked and its output folder (if any) is held by this process (under
+    torchrun: ``out_dir`` is None but in the first process, which writes the outputs)."""
     base_dir = Path(base_dir)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = load_tokenizer(base_dir)
     if tokenizer is None or tokenizer.pad_token is None:
         raise ValueError(f"{base_dir}: expected a Hugging Face encoder folder with a tokenizer that pads "
@@ -450,91 +416,64 @@ def _finetune(base_dir: str | Path, tasks: Tasks, config: FinetuneConfig, out_di
     torch.manual_seed(config.seed)
     classifier = MultiTaskClassifier.from_pretrained(base_dir, {n: len(s["labels"]) for n, s in summary.items()})
     model, shapes = add_adapters(classifier.to(device), config)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(model, config.lr, config.weight_decay)
     layers = smora_layers(model)
     identity = {**config.to_dict(), "base": str(base_dir), "tasks": summary}  # what must not change on resume
-    step, history = 0, []
-    if resume:
-        tensors, meta = load_checkpoint_folder(checkpoint_dir, require=("config", "history", "compute"))
-        check_same_run(meta["config"], identity)
-        restore_training_state(model, optimizer, tensors, meta["param_groups"])
-        for name, path in meta["compute"].items():  # the paths "auto" chose then: equal outputs, not equal bits
-            layers[name].compute = path
-        step, history = meta["step"], meta["history"]
-    start_step = step
-
     batches = task_batches({n: len(s) for n, s in train_sets.items()}, config.batch_size, config.seed,
                            config.task_sampling)
     digest, steps_per_task = hashlib.sha256(), dict.fromkeys(tasks, 0)
 
-    def next_batch() -> tuple[str, torch.Tensor]:
-        task, index = next(batches)
-        digest.update(task.encode() + b":" + index.numpy().tobytes())
-        steps_per_task[task] += 1
-        return task, index
+    def drawn():  # every batch drawn, those a resumed run skips included, goes into the digest and the counts
+        for task, index in batches:
+            digest.update(task.encode() + b":" + index.numpy().tobytes())
+            steps_per_task[task] += 1
+            yield (task, *train_sets[task].batch(index, device))
 
-    for _ in range(step):  # resuming: draw the batches the checkpointed steps used
-        next_batch()
     if layers:
         routing_report(model, reset=True)
-    bar = tqdm(total=config.steps, initial=step, desc=f"finetune {config.adapter}", unit="step", leave=False,
-               disable=not progress, file=sys.stderr)
-    loss_sum, loss_steps, durations = 0.0, 0, []
-    model.train()
-    try:
-        while step < config.steps:
-            task, index = next_batch()
-            inputs, targets = train_sets[task].batch(index, device)
-            lr = lr_at(step, config.steps, config.warmup, config.lr, config.min_lr)
-            started = time.perf_counter()
-            loss = train_step(model, optimizer, params, inputs, targets, task, lr, config.clip_grad)
-            durations.append(time.perf_counter() - started)
-            step += 1
-            check_finite_loss(loss, step, checkpoint_dir)
-            loss_sum, loss_steps = loss_sum + loss, loss_steps + 1
-            bar.update(1)
-            bar.set_postfix(task=task, loss=f"{loss:.3f}", lr=f"{lr:.2e}")
-            if step % config.eval_every and step < config.steps:
-                continue
-            entry = {"step": step, "lr": lr, "train_loss": loss_sum / loss_steps,
-                     **_evaluate(model, test_sets, config.batch_size, device, routing=bool(layers))}
-            history.append(entry)
-            loss_sum, loss_steps = 0.0, 0
-            if progress:
-                bar.write(_eval_line(entry, config.steps), file=sys.stderr)
-            if checkpoint_dir is not None:
-                tensors, param_groups = training_state_tensors(model, optimizer, trainable_only=True)
-                save_checkpoint(checkpoint_dir, tensors, {
-                    "step": step, "history": history, "config": identity, "param_groups": param_groups,
-                    "compute": {name: layer.compute for name, layer in layers.items()}})
-    finally:
-        bar.close()
+    loop = LoopConfig(steps=config.steps, lr=config.lr, min_lr=config.min_lr, warmup_steps=config.warmup,
+                      weight_decay=config.weight_decay, clip_grad=config.clip_grad, eval_every=config.eval_every,
+                      desc=f"finetune {config.adapter}")
+    checkpoint = None if checkpoint_dir is None else Checkpointing(
+        checkpoint_dir, identity, trainable_only=True,
+        extra=lambda: {"compute": {name: layer.compute for name, layer in layers.items()}})
+    done = fit(model, drawn(), task_loss, loop,
+               evaluate=lambda model: _evaluate(model, test_sets, config.batch_size, device, routing=bool(layers)),
+               callbacks=[_ComputePaths(layers)], checkpoint=checkpoint, resume=resume, find_unused_parameters=True,
+               progress=progress)
 
-    last = history[-1]
-    timed = durations[TIMING_SKIP:] or durations
+    last = done.history[-1]
+    params = [p for p in model.parameters() if p.requires_grad]
     result = FinetuneResult(
         config=config.to_dict(), base=str(base_dir),
         tasks={name: {**task, "accuracy": last["accuracy"][name]} for name, task in summary.items()},
         accuracy=last["accuracy"],
         average_accuracy=last["average_accuracy"], trainable_params=sum(p.numel() for p in params),
         adapted_linears=list(shapes), activated_params_per_token=activated_adapter_params(shapes, config),
-        steps=step, start_step=start_step, seconds=round(sum(durations), 3),
-        seconds_per_step=statistics.median(timed) if timed else None, steps_per_task=steps_per_task,
-        data_order_sha256=digest.hexdigest(), routing=last.get("routing"), history=history)
+        steps=done.step, start_step=done.start_step, seconds=done.seconds, seconds_per_step=done.seconds_per_step,
+        steps_per_task=steps_per_task, data_order_sha256=digest.hexdigest(), routing=last.get("routing"),
+        history=done.history)
     if out_dir is not None:
         _save_outputs(model, result, out_dir)
     return result
 
 
-def _eval_line(entry: dict, steps: int) -> str:
-    accuracy = "  ".join(f"{task} {acc:.4f}" for task, acc in entry["accuracy"].items())
-    line = (f"step {entry['step']}/{steps}: train loss {entry['train_loss']:.4f} | test accuracy {accuracy} | "
-            f"average {entry['average_accuracy']:.4f}")
-    routing = entry.get("routing")
-    if routing and routing["train"]["mean_max_violation"] is not None:
-        line += f" | MaxVio {routing['train']['mean_max_violation']:.3f}"
-    return line
+def task_loss(model: nn.Module, batch: tuple) -> torch.Tensor:
+    """Cross-entropy of one task's batch: (task, inputs, labels)."""
+    task, inputs, labels = batch
+    return F.cross_entropy(model(**inputs, task=task), labels)
+
+
+class _ComputePaths(Callback):
+    """A resumed SMoRA run computes on the paths "auto" chose when it started (equal outputs, not equal bits)."""
+
+    def __init__(self, layers: dict):
+        self.layers = layers
+
+    def on_resume(self, meta: dict, model: nn.Module) -> None:
+        if "compute" not in meta:
+            raise ValueError("checkpoint: field 'compute' is missing (the adapter layers' compute paths)")
+        for name, path in meta["compute"].items():
+            self.layers[name].compute = path
 
 
 def _save_outputs(model: nn.Module, result: FinetuneResult, out_dir: Path) -> None:
