@@ -5,6 +5,10 @@ from __future__ import annotations
 import copy
 import io
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +17,24 @@ from safetensors import safe_open
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FIXTURES = SHARED / "fixtures"
+# real processes run single-threaded: two of them share this machine's cores, and their sums reduce alike
+PROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_leanformer(*args: str, processes: int = 1, timeout: float = 900) -> subprocess.CompletedProcess:
+    """``leanformer ARGS`` in a real process, or under torchrun with ``processes`` > 1; asserts it succeeded."""
+    launcher = ([] if processes == 1 else
+                ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(free_port())])
+    proc = subprocess.run([sys.executable, *launcher, "-m", "leanformer", *args], capture_output=True, text=True,
+                          env=PROCESS_ENV, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 def load_reference_fixture(name: str) -> dict:

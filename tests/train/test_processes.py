@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,18 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tests.conftest import PROCESS_ENV, run_leanformer
 
 # a small but real run: compact Swin on 16px digits, no stochastic depth (DDP draws masks per process)
 RUN = ["--model", "swin_nano_patch2_window4_32", "--img-size", "16", "--batch-size", "32", "--lr", "2e-3",
        "--model-arg", "drop_path_rate=0", "--no-progress"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def train(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "leanformer", "train", *args], capture_output=True, text=True,
-                          env=ENV, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc
+def train(*args: str, processes: int = 1) -> subprocess.CompletedProcess:
+    return run_leanformer("train", *args, processes=processes)
 
 
 def final_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -45,12 +41,6 @@ def without_key_bias(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def completed_epochs(folder: Path) -> int:
     try:
         return json.loads((folder / "last" / "meta.json").read_text())["epoch"]
@@ -63,7 +53,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
     train(*RUN, "--epochs", "3", "--output", str(straight))
 
     proc = subprocess.Popen([sys.executable, "-m", "leanformer", "train", *RUN, "--epochs", "3", "--output",
-                             str(killed)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             str(killed)], env=PROCESS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while completed_epochs(killed) < 1 and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -84,17 +74,14 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
 def test_resume_refuses_a_changed_configuration(tmp_path):
     train(*RUN, "--epochs", "1", "--output", str(tmp_path))
     proc = subprocess.run([sys.executable, "-m", "leanformer", "train", "--resume", str(tmp_path), "--lr", "1.0"],
-                          capture_output=True, text=True, env=ENV, timeout=900)
+                          capture_output=True, text=True, env=PROCESS_ENV, timeout=900)
     assert proc.returncode == 2 and "cannot change lr" in proc.stderr
 
 
 def test_two_process_ddp_matches_one_process(tmp_path):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     train(*RUN, "--epochs", "1", "--output", str(single))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "leanformer", "train", *RUN, "--epochs", "1", "--output", str(ddp), "--json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = train(*RUN, "--epochs", "1", "--output", str(ddp), "--json", processes=2)
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert summary["world_size"] == 2
     expected, got = without_key_bias(final_weights(single)), without_key_bias(final_weights(ddp))
@@ -106,11 +93,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
 
 
 def test_two_process_ddp_with_compressed_activations(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "leanformer", "train", *RUN, "--epochs", "1", "--compress", "int8", "--output", str(tmp_path),
-           "--json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = train(*RUN, "--epochs", "1", "--compress", "int8", "--output", str(tmp_path), "--json", processes=2)
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert summary["world_size"] == 2 and summary["saved_activation_ratio"] < 0.3
     assert summary["final_val_acc"] > 0.2  # it learns (10 classes: chance is 0.1)

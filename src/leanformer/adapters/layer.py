@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -26,6 +27,16 @@ from .config import SMoRAConfig
 __all__ = ["ForwardEnd", "ForwardStart", "RoutingContext", "SMoRALinear", "attach_root", "dense_adapter",
            "feature_sizes", "gather_adapter", "in_backward"]
 
+
+
+def _global_load(load: torch.Tensor, tokens: int) -> tuple[torch.Tensor, int]:
+    """The load of the whole global batch under torchrun (each process routes its slice): every process then
+    moves its balance bias the same way, as one process training on the whole batch would."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return load, tokens
+    both = torch.cat([load, load.new_tensor([tokens])])
+    dist.all_reduce(both)
+    return both[:-1], int(both[-1])
 
 class RoutingContext:
     """Shared by the SMoRA layers of one model (the "root" that carries the `ForwardStart`/`ForwardEnd` hooks).
@@ -206,6 +217,7 @@ class SMoRALinear(nn.Module):
     def _record(self, experts: torch.Tensor) -> None:
         load, tokens = self._load(experts)
         if self._trains():
+            load, tokens = _global_load(load, tokens)
             self._balance(load)
         self.expert_load += load
         self.routed_tokens += tokens

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 # flag -> (config field, type, help)
-OptionTable = dict[str, tuple[str, type, str]]
+OptionTable = dict[str | tuple[str, ...], tuple[str, type, str]]  # a flag, or the flag and its aliases
 
 
 def add_config_options(parser: argparse.ArgumentParser, options: OptionTable, defaults: object) -> None:
@@ -13,10 +13,11 @@ def add_config_options(parser: argparse.ArgumentParser, options: OptionTable, de
 
     The help shows the default read from ``defaults`` (a config instance), the one source of truth.
     """
-    for flag, (name, kind, text) in options.items():
+    for flags, (name, kind, text) in options.items():
+        flags = (flags,) if isinstance(flags, str) else flags
         default = getattr(defaults, name)
-        parser.add_argument(flag, dest=name, type=kind, default=argparse.SUPPRESS,
-                            metavar=flag.lstrip("-").upper().replace("-", "_"),  # the flag's name, not the field's
+        parser.add_argument(*flags, dest=name, type=kind, default=argparse.SUPPRESS,
+                            metavar=flags[0].lstrip("-").upper().replace("-", "_"),  # the flag's name, not the field's
                             help=text if default is None else f"{text} (default: {default})")
 
 

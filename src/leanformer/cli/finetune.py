@@ -36,7 +36,9 @@ def _target_modules(value: str) -> str | tuple[str, ...]:
 # CLI option -> (FinetuneConfig field, type, help). Defaults are shown from FinetuneConfig.
 OPTIONS = {
     "--adapter": ("adapter", str, "'smora' (rank-wise mixture-of-experts LoRA) or 'lora' (PEFT's LoRA, the peer)"),
-    "--r": ("r", int, "adapter rank; SMoRA: every rank is an expert (r / --rank-partition experts)"),
+    # --rank first: torchrun's own parser refuses --r, a prefix of several of its options
+    ("--rank", "--r"): ("r", int, "adapter rank (PEFT's r); SMoRA: every rank is an expert (r / --rank-partition "
+                        "experts)"),
     "--active-r": ("active_r", int, "SMoRA: ranks each token uses, chosen per token by the router (top-k)"),
     "--lora-alpha": ("lora_alpha", float, "scale: the adapter output is multiplied by alpha / r (LoRA) or "
                      "alpha / active_r (SMoRA)"),
