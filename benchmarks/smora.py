@@ -2,7 +2,7 @@
 
 Four real tasks from ../shared/data (SST-2, AG News, TREC-6, CoLA), one shared adapter on every Linear of the
 frozen encoder, a trainable head per task, the same steps, learning rate, data order and seeds for every arm
-(`leanformer.train.multitask.finetune`). Reported per arm: test accuracy per task and on average (mean and std
+(`leanformer.adapters.multitask.finetune`). Reported per arm: test accuracy per task and on average (mean and std
 over seeds), trainable and per-token activated adapter parameters, routing balance (MaxVio, dead experts) and an
 ablation of the balance-bias rate (1e-3 as DeepSeek, 1e-5 as the official code). Training-step time is measured
 separately, all arms interleaved in one process on the same batch (median after warm-up), as a ratio to LoRA r=64.
@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 from leanformer._io import write_json_atomic
+from leanformer.adapters.multitask import FinetuneConfig, MultiTaskClassifier, add_adapters, finetune, task_loss
 from leanformer.data.tasks import TaskData, load_task
 from leanformer.engine import train_step
 from leanformer.engine.optim import build_optimizer
-from leanformer.train.multitask import FinetuneConfig, MultiTaskClassifier, add_adapters, finetune, task_loss
 
 try:
     from benchmarks._common import RESULTS, machine_info, results_file, time_interleaved

@@ -1,17 +1,24 @@
 """leanformer: cheaper Transformers and MLP vision models to train, run and adapt.
 
-The public API is re-exported here; see the packages `models`, `memory`, `sparsity`, `adapters`, `data`, `train`.
+The public API is re-exported here; see the packages `models`, `memory`, `sparsity`, `adapters`, `data`, `train`, and
+`engine`, the training loop they share.
 """
 
 from .adapters import (
+    FinetuneConfig,
+    FinetuneResult,
+    MultiTaskClassifier,
     SMoRAConfig,
     add_smora,
     disable_adapters,
+    finetune,
     load_adapter,
+    load_finetuned,
     routing_report,
     save_adapter,
 )
 from .data import DataSplit, TaskData, load_data, load_task
+from .engine import Callback, Checkpointing, LoopConfig, fit
 from .memory import (
     CompressionConfig,
     SavedActivationReport,
@@ -43,19 +50,12 @@ from .sparsity import (
     save_pretrained,
     sparsify_for_inference,
 )
-from .train import (
-    FinetuneConfig,
-    FinetuneResult,
-    MultiTaskClassifier,
-    TrainConfig,
-    Trainer,
-    TrainResult,
-    finetune,
-    load_finetuned,
-)
+from .train import TrainConfig, Trainer, TrainResult
 
 __version__ = "0.1.0"
 __all__ = [
+    "Callback",
+    "Checkpointing",
     "CompressionConfig",
     "DataSplit",
     "DecodeConfig",
@@ -63,6 +63,7 @@ __all__ = [
     "FFNSpec",
     "FinetuneConfig",
     "FinetuneResult",
+    "LoopConfig",
     "MultiTaskClassifier",
     "ProSparseConfig",
     "ProSparseSchedule",
@@ -87,6 +88,7 @@ __all__ = [
     "disable_adapters",
     "fast_decoder",
     "find_ffns",
+    "fit",
     "finetune",
     "inference_report",
     "list_models",

@@ -25,6 +25,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +44,7 @@ from .checkpoint import (
     save_checkpoint,
     training_state_tensors,
 )
-from .distributed import process_group, shard, sum_across_processes
+from .distributed import DistContext, process_group, shard, sum_across_processes
 from .optim import build_optimizer, check_optimizer_settings, lr_at, set_lr
 
 __all__ = ["Callback", "Checkpointing", "FitResult", "LoopConfig", "check_resume", "fit", "train_step"]
@@ -154,7 +155,7 @@ def fit(model: nn.Module, batches: Iterable | Callable[[int], Iterable], loss_fn
         callbacks: Sequence[Callback] = (), checkpoint: Checkpointing | None = None,
         resume: bool | str | Path = False,
         optimizer: torch.optim.Optimizer | None = None, shard_batches: bool = True,
-        find_unused_parameters: bool = False, progress: bool = True) -> FitResult:
+        find_unused_parameters: bool = False, distributed: bool = True, progress: bool = True) -> FitResult:
     """Train ``model`` in place for ``config.steps`` optimiser steps; return what was done.
 
     batches: global batches, at least ``steps * accumulate`` of them; or a function of the step to start from
@@ -168,12 +169,14 @@ def fit(model: nn.Module, batches: Iterable | Callable[[int], Iterable], loss_fn
     shard_batches: each process takes its slice of each global batch (`shard`); False when the batches are
         already this process's (a DataLoader with a sharding sampler). find_unused_parameters: for models whose
         steps use only some parameters (one task head per batch), as DistributedDataParallel takes it.
+        distributed: False trains in this process alone even under torchrun (a small model fitted on data the
+        process already holds, such as one FFN's predictor).
     """
     if resume is not False and resume is not None and checkpoint is None:
         raise ValueError("resume needs checkpoint=Checkpointing(...): its identity says which run may continue")
     source = checkpoint.folder if resume is True else (Path(resume) if resume else None)
     check_resume(source, bool(resume), "Checkpointing.folder")
-    with process_group() as ctx:
+    with process_group() if distributed else nullcontext(DistContext()) as ctx:
         return _Loop(model, loss_fn, config, evaluate, list(extra_losses), list(callbacks), checkpoint, optimizer,
                      ctx, progress).run(batches, source, shard_batches, find_unused_parameters)
 

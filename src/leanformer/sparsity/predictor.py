@@ -38,6 +38,7 @@ from tqdm import tqdm
 from .._checks import is_int, is_real
 from .._io import atomic_write
 from .._loading import read_safetensors
+from ..engine import LoopConfig, fit
 from ._batches import split_batch
 from ._tokens import align_mask, mask_of, padding_masks
 from .ffn import FFN, FFNSpec, find_ffns, refuse_fused_experts
@@ -475,15 +476,20 @@ def _fit_layer(name: str, x: torch.Tensor, active: torch.Tensor, config: Predict
     else:
         positive = int(train_active.sum())
         pos_weight = torch.tensor(max(1.0, (train_active.numel() - positive) / max(positive, 1)), device=device)
-        optimizer = torch.optim.Adam(predictor.parameters(), lr=config.lr)
-        for _ in range(config.steps):
-            index = torch.randint(train_x.shape[0], (min(config.batch_size, train_x.shape[0]),), generator=generator)
-            logits = predictor(train_x[index].to(device))
-            loss = F.binary_cross_entropy_with_logits(logits, train_active[index].to(device, logits.dtype),
-                                                      pos_weight=pos_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+
+        def batches():  # endless random batches of the layer's recorded tokens
+            while True:
+                index = torch.randint(train_x.shape[0], (min(config.batch_size, train_x.shape[0]),),
+                                      generator=generator)
+                yield train_x[index].to(device), train_active[index].to(device)
+
+        def loss(predictor: nn.Module, batch) -> torch.Tensor:
+            logits = predictor(batch[0])
+            return F.binary_cross_entropy_with_logits(logits, batch[1].to(logits.dtype), pos_weight=pos_weight)
+
+        # Adam at a constant learning rate: the cosine schedule's floor set to its peak
+        fit(predictor, batches(), loss, LoopConfig(steps=config.steps, lr=config.lr, min_lr=config.lr),
+            optimizer=torch.optim.Adam(predictor.parameters(), lr=config.lr), distributed=False, progress=False)
         calibration = (val_x, val_active) if val_active.any() else (train_x, train_active)
         threshold = _calibrate(predictor, *calibration, config.target_recall, config.batch_size, device)
     predictor.threshold.fill_(threshold)

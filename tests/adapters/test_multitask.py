@@ -11,13 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from leanformer.adapters import model as adapters_model
-from leanformer.adapters import smora_layers
-from leanformer.data import load_tokenizer
-from leanformer.data.tasks import load_task
-from leanformer.engine import loop as engine_loop
-from leanformer.engine.checkpoint import NonFiniteLossError, load_checkpoint_folder
-from leanformer.train import multitask
-from leanformer.train.multitask import (
+from leanformer.adapters import multitask, smora_layers
+from leanformer.adapters.multitask import (
     FinetuneConfig,
     MultiTaskClassifier,
     activated_adapter_params,
@@ -27,6 +22,10 @@ from leanformer.train.multitask import (
     mean_pool,
     task_batches,
 )
+from leanformer.data import load_tokenizer
+from leanformer.data.tasks import load_task
+from leanformer.engine import loop as engine_loop
+from leanformer.engine.checkpoint import NonFiniteLossError, load_checkpoint_folder
 
 peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")

@@ -4,7 +4,7 @@ SMoRA (Zhao et al. 2025) is a multi-task method: one adapter shared by many task
 assigns per token. `finetune(base_dir, tasks, config)` trains it, or PEFT's LoRA as the peer, under the same
 conditions, so two runs that differ only in ``config.adapter`` compare like for like:
 
-- the same Linears are adapted (the ones `leanformer.adapters.model.target_names` selects for the SMoRA config,
+- the same Linears are adapted (the ones `target_names` selects for the SMoRA config,
   handed to PEFT as an explicit list), and nothing else of the encoder trains;
 - the same classifier: mean pooling over real tokens (as sentence-transformers pools all-MiniLM-L6-v2) and one
   Linear head per task, trained in full and saved with the adapter (``modules_to_save``);
@@ -38,12 +38,13 @@ from .._checks import config_from_dict, is_int
 from .._io import write_files_atomic, write_json_atomic
 from .._loading import hf_from_pretrained
 from .._runfolder import claim_run_folder
-from ..adapters import SMoRAConfig, add_smora, load_adapter, routing_report, save_adapter, smora_layers
-from ..adapters.model import target_names
 from ..data.tasks import TaskData, encode_labels, label_vocab
 from ..data.text import load_tokenizer
 from ..engine import Callback, Checkpointing, LoopConfig, check_resume, fit, process_group
 from ..engine.optim import check_optimizer_settings
+from .config import SMoRAConfig
+from .model import add_smora, routing_report, smora_layers, target_names
+from .peft import load_adapter, save_adapter
 
 __all__ = ["ADAPTERS", "TASK_SAMPLING", "FinetuneConfig", "FinetuneResult", "MultiTaskClassifier",
            "activated_adapter_params", "add_adapters", "check_task_name", "finetune", "load_finetuned", "mean_pool",
