@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from .._checks import check_int, is_int
 from .._io import dumps_json
+from .._runfolder import claim_run_folder
 from .checkpoint import (
     check_finite_loss,
     check_same_run,
@@ -94,7 +95,8 @@ class Callback:
         """After optimiser step ``step`` (1-based); ``loss`` is the task loss of this process's batch."""
 
     def on_eval(self, step: int, model: nn.Module, entry: dict) -> None:
-        """After an evaluation, before its checkpoint; ``entry`` is the history entry (add to it here)."""
+        """After an evaluation, before its checkpoint, in eval mode under no_grad; ``entry`` is the history entry
+        (add to it here)."""
 
     def on_epoch_end(self, epoch: int, model: nn.Module) -> None:
         """After the last step of (1-based) ``epoch``, with `LoopConfig.steps_per_epoch` set."""
@@ -109,6 +111,8 @@ class Checkpointing:
         ``resumable`` may differ). trainable_only: leave out frozen parameters (a base model under an adapter,
         which the job reads again from its own files). extra: fields added to meta.json, computed at save time.
     best_folder, best_metric: also keep the checkpoint of the evaluation with the highest ``best_metric``.
+    lock: hold ``folder``'s lock while `fit` runs and refuse a folder holding another run's checkpoint unless
+        resuming it (False: the job already holds it).
     """
 
     folder: Path | None
@@ -118,6 +122,7 @@ class Checkpointing:
     extra: Callable[[], dict] | None = None
     best_folder: Path | None = None
     best_metric: str | None = None
+    lock: bool = True
 
     def __post_init__(self) -> None:
         if self.folder is not None:
@@ -176,7 +181,10 @@ def fit(model: nn.Module, batches: Iterable | Callable[[int], Iterable], loss_fn
         raise ValueError("resume needs checkpoint=Checkpointing(...): its identity says which run may continue")
     source = checkpoint.folder if resume is True else (Path(resume) if resume else None)
     check_resume(source, bool(resume), "Checkpointing.folder")
-    with process_group() if distributed else nullcontext(DistContext()) as ctx:
+    writes = checkpoint.folder if checkpoint is not None and checkpoint.lock else None
+    same = writes is not None and source is not None and source.resolve() == writes.resolve()
+    with process_group() if distributed else nullcontext(DistContext()) as ctx, \
+            claim_run_folder(writes if ctx.is_main else None, ("meta.json",), resume=same):
         return _Loop(model, loss_fn, config, evaluate, list(extra_losses), list(callbacks), checkpoint, optimizer,
                      ctx, progress).run(batches, source, shard_batches, find_unused_parameters)
 
@@ -293,13 +301,13 @@ class _Loop:
     def _evaluate(self, lr: float, losses: list[float], bar) -> None:
         mean_loss = sum_across_processes([sum(losses), len(losses)], self.ctx)
         entry = {"step": self.step, "lr": lr, "train_loss": mean_loss[0] / mean_loss[1]}
-        if self.evaluate is not None:
-            self.model.eval()
-            with torch.no_grad():
+        self.model.eval()
+        with torch.no_grad():
+            if self.evaluate is not None:
                 entry.update(self.evaluate(self.model))
-            self.model.train()
-        for callback in self.callbacks:
-            callback.on_eval(self.step, self.model, entry)
+            for callback in self.callbacks:
+                callback.on_eval(self.step, self.model, entry)
+        self.model.train()
         self.history.append(entry)
         if self.progress:
             bar.write(f"{self.config.desc} step {self.step}/{self.config.steps}: {_figures(entry)}", file=sys.stderr)

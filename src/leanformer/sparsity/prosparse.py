@@ -310,7 +310,7 @@ def _prosparse(model: nn.Module, train_batches: Iterable, config: ProSparseConfi
     loop = LoopConfig(steps=config.steps, lr=config.lr, min_lr=config.min_lr, warmup_steps=config.warmup_steps,
                       weight_decay=config.weight_decay, clip_grad=config.clip_grad, eval_every=config.eval_every,
                       desc="prosparse")
-    checkpoint = None if checkpoint_dir is None else Checkpointing(checkpoint_dir, config.to_dict())
+    checkpoint = None if checkpoint_dir is None else Checkpointing(checkpoint_dir, config.to_dict(), lock=False)
     try:
         done = fit(model, (_pair(batch, device) for batch in train_batches), loss_fn, loop, evaluate=evaluate,
                    extra_losses=[lambda step, model: regularizer.loss(step)], checkpoint=checkpoint, resume=resume,
