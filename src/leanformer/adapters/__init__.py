@@ -4,6 +4,7 @@
     ... train ...
     save_adapter(model, "adapter/")            # adapter_config.json + adapter_model.safetensors
     load_adapter(fresh_base_model, "adapter/")
+    remove_smora(model)                        # the base model again
 
 `finetune(base_dir, tasks, FinetuneConfig(...))` is the multi-task text-classification job `leanformer finetune`
 runs: SMoRA or PEFT's LoRA on a frozen encoder, on the training engine.
@@ -11,10 +12,10 @@ runs: SMoRA or PEFT's LoRA on a frozen encoder, on the training engine.
 
 from .config import SMoRAConfig
 from .layer import SMoRALinear
-from .model import add_smora, disable_adapters, routing_report, smora_layers
+from .model import add_smora, disable_adapters, remove_smora, routing_report, smora_layers
 from .multitask import FinetuneConfig, FinetuneResult, MultiTaskClassifier, finetune, load_finetuned
 from .peft import adapter_state_dict, load_adapter, read_adapter_config, save_adapter
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "MultiTaskClassifier", "SMoRAConfig", "SMoRALinear",
            "adapter_state_dict", "add_smora", "disable_adapters", "finetune", "load_adapter", "load_finetuned",
-           "read_adapter_config", "routing_report", "save_adapter", "smora_layers"]
+           "read_adapter_config", "remove_smora", "routing_report", "save_adapter", "smora_layers"]

@@ -54,6 +54,8 @@ class RoutingContext:
         self.depth = 0  # root forwards in progress (a root may be called inside itself)
         self.forward_id = 0
         self.trains = False
+        self.handles: tuple = ()  # the root's hooks (`attach_root`)
+        self.trainable: dict[str, bool] = {}  # requires_grad of every parameter before add_smora froze them
 
 
 class ForwardStart:
@@ -88,9 +90,10 @@ class ForwardEnd:
 
 
 def attach_root(root: nn.Module, context: RoutingContext) -> None:
-    """Make ``root`` the module whose forwards are the steps of ``context``'s layers."""
-    root.register_forward_pre_hook(ForwardStart(context), with_kwargs=True)
-    root.register_forward_hook(ForwardEnd(context), always_call=True)
+    """Make ``root`` the module whose forwards are the steps of ``context``'s layers (``context.handles`` remove
+    the hooks again; they are copied with the model and then remove the copy's)."""
+    context.handles = (root.register_forward_pre_hook(ForwardStart(context), with_kwargs=True),
+                       root.register_forward_hook(ForwardEnd(context), always_call=True))
 
 
 def in_backward() -> bool:

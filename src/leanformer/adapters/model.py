@@ -14,7 +14,8 @@ from .._timing import time_interleaved
 from .config import ALL_LINEAR, SMoRAConfig
 from .layer import RoutingContext, SMoRALinear, attach_root, dense_adapter, feature_sizes, gather_adapter
 
-__all__ = ["add_smora", "choose_compute", "disable_adapters", "routing_report", "smora_layers", "target_names"]
+__all__ = ["add_smora", "choose_compute", "disable_adapters", "remove_smora", "routing_report", "smora_layers",
+           "target_names"]
 
 # names of the output layer of common models (or of the module holding it, as timm's ``head.fc``), left out by
 # "all-linear" as PEFT leaves out the output layer
@@ -68,8 +69,9 @@ def add_smora(model: nn.Module, config: SMoRAConfig) -> nn.Module:
     missing = [n for n in config.modules_to_save if not any(_matches(m, (n,)) for m, _ in model.named_modules())]
     if missing:
         raise ValueError(f"modules_to_save {missing}: no such module in {type(model).__name__}")
-    model.requires_grad_(False)
     context = RoutingContext()
+    context.trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.requires_grad_(False)
     paths = {}
     for name in names:
         parent, attr = _parent(model, name)
@@ -87,6 +89,25 @@ def add_smora(model: nn.Module, config: SMoRAConfig) -> nn.Module:
         if name and _matches(name, config.modules_to_save):
             module.requires_grad_(True)
     attach_root(model, context)
+    return model
+
+
+def remove_smora(model: nn.Module) -> nn.Module:
+    """Undo `add_smora`, in place; return ``model``: every `SMoRALinear` gives its place back to the layer it
+    wrapped, the routing hooks are removed and every parameter trains as it did before (``requires_grad``).
+    What training changed in ``modules_to_save`` stays; the adapters themselves are dropped (save them first
+    with `save_adapter`). ValueError if the model has no adapters."""
+    layers = smora_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no SMoRA adapters to remove")
+    context = next(iter(layers.values())).context
+    for name, layer in layers.items():
+        parent, attr = _parent(model, name)
+        setattr(parent, attr, layer.base_layer)
+    for handle in context.handles:
+        handle.remove()
+    for name, param in model.named_parameters():
+        param.requires_grad_(context.trainable.get(name, param.requires_grad))
     return model
 
 

@@ -2,7 +2,7 @@
 turn it into faster inference (exact sparse FFNs, predictor-selected units), set it without training (TEAL/CATS
 thresholds), and decode LLaMA-family LMs at the memory-bandwidth limit, dense or sparse (`fast_decoder`)."""
 
-from .activations import FATReLU, TopK, apply_topk, relufy
+from .activations import FATReLU, TopK, apply_topk, relufy, restore_activations
 from .decode import DecodeConfig, FastDecoder, fast_decoder
 from .ffn import FFN, FFN_SPECS, FFNSpec, find_ffns, structural_spec
 from .inference import (
@@ -12,6 +12,7 @@ from .inference import (
     SparseInputConv2d,
     SparseInputLinear,
     calibrate_max_active,
+    desparsify,
     inference_report,
     sparsify_for_inference,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "apply_topk",
     "calibrate_thresholds",
     "calibrate_max_active",
+    "desparsify",
     "evaluate_predictors",
     "fast_decoder",
     "find_ffns",
@@ -78,6 +80,7 @@ __all__ = [
     "prosparse",
     "record_ffn_activity",
     "relufy",
+    "restore_activations",
     "save_pretrained",
     "sparsify_for_inference",
     "structural_spec",

@@ -7,7 +7,8 @@ activation for ReLU (`relufy`), training with an L1 penalty, and finally raising
 small positive threshold (`FATReLU`, t = 0.01 in the paper). Zeros in the FFN intermediate output
 are the work sparse inference skips.
 
-`relufy` and `apply_topk` edit the FFNs found by `find_ffns` (ours, timm, Hugging Face) in place.
+`relufy` and `apply_topk` edit the FFNs found by `find_ffns` (ours, timm, Hugging Face) in place;
+`restore_activations` undoes them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import torch.nn as nn
 
 from .ffn import FFNSpec, find_ffns
 
-__all__ = ["RELUFY_ACTIVATIONS", "FATReLU", "TopK", "apply_topk", "is_topk_wrapped", "relufy", "topk_wrapped"]
+__all__ = ["RELUFY_ACTIVATIONS", "FATReLU", "TopK", "apply_topk", "is_topk_wrapped", "relufy", "restore_activations",
+           "topk_wrapped"]
 
 RELUFY_ACTIVATIONS = ("relu", "fatrelu")
 
@@ -94,7 +96,9 @@ def relufy(model: nn.Module, activation: str = "relu", threshold: float = 0.0,
                          "(ReLU's threshold is 0)")
     if activation == "fatrelu":
         FATReLU(threshold)  # validate before touching the model
-    for ffn in find_ffns(model, specs):
+    ffns = find_ffns(model, specs)
+    _remember_activations(model, ffns)
+    for ffn in ffns:
         new = nn.ReLU() if activation == "relu" else FATReLU(threshold)
         if is_topk_wrapped(ffn.act):
             ffn.act[0] = new  # keep the TopK that apply_topk added
@@ -114,11 +118,39 @@ def apply_topk(model: nn.Module, k: int, specs: Iterable[FFNSpec] | None = None)
     held as a plain function is wrapped as well (`nn.Sequential` calls it like a module).
     """
     TopK(k)  # validate before touching the model
-    for ffn in find_ffns(model, specs):
+    ffns = find_ffns(model, specs)
+    _remember_activations(model, ffns)
+    for ffn in ffns:
         act = ffn.act[0] if is_topk_wrapped(ffn.act) else ffn.act
         ffn.set_act(topk_wrapped(act, k, ffn.feature_dim))
     _record_in_config(model, specs)
     return model
+
+
+def restore_activations(model: nn.Module, specs: Iterable[FFNSpec] | None = None) -> nn.Module:
+    """Undo `relufy` and `apply_topk` (any number of calls), in place; return ``model``: every FFN gets back the
+    activation it had before the first of them, and a Hugging Face config its original activation fields.
+    ValueError if neither was applied."""
+    originals = model.__dict__.pop(_ORIGINAL_ACTIVATIONS, None)
+    if not originals:
+        raise ValueError(f"{type(model).__name__}: no activation to restore (relufy / apply_topk were not applied "
+                         "to this model, or were undone)")
+    for ffn in find_ffns(model, specs):
+        if ffn.name in originals:
+            ffn.set_act(originals[ffn.name])
+    _record_in_config(model, specs)
+    return model
+
+
+# the root model's record of each FFN's activation before relufy / apply_topk first replaced it: a plain dict in
+# the module's __dict__, so neither a submodule nor in state_dict, and copied with the model
+_ORIGINAL_ACTIVATIONS = "_leanformer_original_activations"
+
+
+def _remember_activations(model: nn.Module, ffns: list) -> None:
+    originals = model.__dict__.setdefault(_ORIGINAL_ACTIVATIONS, {})
+    for ffn in ffns:
+        originals.setdefault(ffn.name, ffn.act)
 
 
 def _record_in_config(model: nn.Module, specs: Iterable[FFNSpec] | None) -> None:

@@ -46,7 +46,7 @@ from .ffn import FFN, FFNSpec, find_ffns, layer_kind, refuse_fused_experts
 from .kernels import backend, gated_down, gather_matmul, input_sparse_down, scatter_matmul
 
 __all__ = ["INFERENCE_MODES", "SparseGatedFFN", "SparseInputConv1D", "SparseInputConv2d", "SparseInputLinear",
-           "calibrate_max_active", "inference_report", "sparsify_for_inference"]
+           "calibrate_max_active", "desparsify", "inference_report", "sparsify_for_inference"]
 
 INFERENCE_MODES = ("exact", "predictor")
 _ELEMENTWISE = (nn.ReLU, FATReLU)
@@ -465,11 +465,35 @@ def sparsify_for_inference(model: nn.Module, mode: str = "exact", predictors=Non
                 calibrated[key] = _measured_sparse_path(ffn, mode, gated)
             limit, native = calibrated[key]
         if gated:
-            _replace(model, ffn.name, SparseGatedFFN(ffn, mode, predictors[ffn.name] if predictors else None, limit,
-                                                     native, exact_prefix, positions))
+            sparse, name = SparseGatedFFN(ffn, mode, predictors[ffn.name] if predictors else None, limit, native,
+                                          exact_prefix, positions), ffn.name
+            original = ffn.module
         else:
             down_name = next(name for name, module in ffn.module.named_modules() if module is ffn.down)
-            _replace(ffn.module, down_name, _SPARSE_DOWN[layer_kind(ffn.down).name](ffn.down, limit, native))
+            sparse = _SPARSE_DOWN[layer_kind(ffn.down).name](ffn.down, limit, native)
+            name, original = f"{ffn.name}.{down_name}" if ffn.name else down_name, ffn.down
+        object.__setattr__(sparse, "original", original)  # for desparsify; not a submodule (nor in state_dict)
+        _replace(model, name, sparse)
+    return model
+
+
+def desparsify(model: nn.Module) -> nn.Module:
+    """Undo `sparsify_for_inference`, in place; return ``model``: every sparse module gives its place back to the
+    module it replaced, down weights are stored row-major again and the position hooks are removed, so the
+    model is the one given to `sparsify_for_inference` (same modules, weights, outputs). ValueError if there is
+    nothing to undo."""
+    sparse = [(name, module) for name, module in model.named_modules() if isinstance(module, _CountsPaths)]
+    if not sparse:
+        raise ValueError(f"{type(model).__name__} has no sparse-inference modules (sparsify_for_inference was not "
+                         "applied, or was undone)")
+    for name, module in sparse:
+        original = module.original
+        down = original.get_submodule(module._roles[2]) if isinstance(module, SparseGatedFFN) else original
+        if isinstance(down, (nn.Linear, nn.Conv2d)) and not down.weight.is_contiguous():
+            down.weight = nn.Parameter(down.weight.detach().contiguous(), requires_grad=down.weight.requires_grad)
+        if getattr(module, "positions", None) is not None:
+            module.positions.remove()
+        _replace(model, name, original)
     return model
 
 

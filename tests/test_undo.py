@@ -1,0 +1,118 @@
+"""Every transform has its undo, and the model is the original afterwards: the same modules, weights, trainable
+parameters, hooks and outputs, on the model families users bring (Hugging Face LLaMA and BERT, timm, ours)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from tests.sparsity.test_activations import FAMILIES
+
+from leanformer import (
+    CompressionConfig,
+    SMoRAConfig,
+    add_smora,
+    apply_topk,
+    compress_activations,
+    decompress_activations,
+    desparsify,
+    relufy,
+    remove_smora,
+    restore_activations,
+    sparsify_for_inference,
+)
+from leanformer.sparsity import LowRankPredictor, find_ffns, inference_report
+
+
+def run(model: nn.Module, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    return getattr(out, "logits", getattr(out, "last_hidden_state", out))
+
+
+def hooks(model: nn.Module) -> dict[str, int]:
+    return {name: len(m._forward_pre_hooks) + len(m._forward_hooks) for name, m in model.named_modules()}
+
+
+def snapshot(model: nn.Module, inputs) -> dict:
+    """What "the same model" means here."""
+    model.eval()
+    return {"modules": repr(model), "state": {k: v.clone() for k, v in model.state_dict().items()},
+            "trainable": {k: p.requires_grad for k, p in model.named_parameters()}, "hooks": hooks(model),
+            "config": model.config.to_dict() if hasattr(model, "config") and hasattr(model.config, "to_dict")
+            else None, "output": run(model, inputs)}
+
+
+def assert_same(before: dict, after: dict) -> None:
+    assert after["modules"] == before["modules"]
+    assert after["state"].keys() == before["state"].keys()
+    assert all(torch.equal(after["state"][k], v) for k, v in before["state"].items())
+    assert after["trainable"] == before["trainable"] and after["hooks"] == before["hooks"]
+    assert after["config"] == before["config"]
+    torch.testing.assert_close(after["output"], before["output"], rtol=0, atol=0)
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request):
+    torch.manual_seed(0)
+    model, inputs = FAMILIES[request.param][0]()
+    return model.eval(), inputs
+
+
+def test_restore_activations_undoes_relufy_and_apply_topk(family):
+    model, inputs = family
+    before = snapshot(model, inputs)
+    relufy(model, "fatrelu", 0.01)
+    apply_topk(model, 4)
+    assert snapshot(model, inputs)["modules"] != before["modules"]
+    assert_same(before, snapshot(restore_activations(model), inputs))
+    with pytest.raises(ValueError, match="no activation to restore"):
+        restore_activations(model)
+
+
+def test_desparsify_undoes_sparsify_for_inference(family):
+    model, inputs = family
+    relufy(model)
+    before = snapshot(model, inputs)
+    sparsify_for_inference(model, max_active=1.0)
+    assert inference_report(model) and snapshot(model, inputs)["modules"] != before["modules"]
+    assert_same(before, snapshot(desparsify(model), inputs))
+    assert all(p.is_contiguous() for p in model.parameters())
+    with pytest.raises(ValueError, match="no sparse-inference modules"):
+        desparsify(model)
+
+
+def test_desparsify_of_a_copy_leaves_the_original_working():
+    """Predictor mode hooks the root model (positions); undoing a copy removes the copy's hooks only."""
+    torch.manual_seed(0)
+    model, inputs = FAMILIES["hf_llama"][0]()
+    relufy(model.eval())
+    before = snapshot(model, inputs)
+    predictors = {ffn.name: LowRankPredictor(32, 64, 4) for ffn in find_ffns(model)}
+    sparsify_for_inference(model, "predictor", predictors, max_active=1.0)
+    expected = run(model, inputs)
+    twin = desparsify(copy.deepcopy(model))
+    assert not inference_report(twin)
+    assert_same(before, snapshot(twin, inputs))  # the copy's position hooks are gone
+    inference_report(model, reset=True)
+    torch.testing.assert_close(run(model, inputs), expected, rtol=0, atol=0)
+    assert inference_report(model)["model.layers.0.mlp"]["calls"]["dense"] == 1  # its first position: still exact
+
+
+def test_remove_smora_undoes_add_smora(family):
+    model, inputs = family
+    before = snapshot(model, inputs)
+    add_smora(model, SMoRAConfig(r=8, active_r=2, target_modules="all-linear", compute="gather"))
+    assert snapshot(model, inputs)["trainable"] != before["trainable"]
+    assert_same(before, snapshot(remove_smora(model), inputs))
+    with pytest.raises(ValueError, match="no SMoRA adapters"):
+        remove_smora(model)
+
+
+def test_decompress_activations_undoes_compress_activations(family):
+    model, inputs = family
+    before = snapshot(model, inputs)
+    compress_activations(model, CompressionConfig(bits=4))
+    assert_same(before, snapshot(decompress_activations(model), inputs))
