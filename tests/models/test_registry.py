@@ -33,3 +33,20 @@ def test_kwargs_override_defaults():
 def test_out_indices_needs_features_only():
     with pytest.raises(ValueError, match="features_only"):
         leanformer.create_model("msmlp_tiny", out_indices=(0,))
+
+
+@pytest.mark.parametrize("name", ["swin_nano_patch2_window4_32", "msmlp_tiny"])
+def test_an_argument_the_model_does_not_take_is_a_user_error(name):
+    with pytest.raises(ValueError, match=r"takes no argument windw_size; it takes .*num_classes"):
+        leanformer.create_model(name, windw_size=4)
+
+
+def test_a_type_error_inside_the_constructor_is_not_turned_into_a_user_error(monkeypatch):
+    from leanformer.models import swin
+
+    def broken(self, *args, **kwargs):
+        raise TypeError("a bug in the constructor")
+
+    monkeypatch.setattr(swin.SwinTransformer, "__init__", broken)
+    with pytest.raises(TypeError, match="a bug in the constructor"):
+        leanformer.create_model("swin_nano_patch2_window4_32")

@@ -13,6 +13,7 @@ source checkpoint, so the model as built is what the cfg can truthfully describe
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 
 import torch.nn as nn
@@ -85,7 +86,15 @@ def set_pretrained_cfg(module: nn.Module, cfg: dict) -> None:
 
 
 def build_variant(cls: Callable[..., nn.Module], variant: str, cfg: dict, args: dict) -> nn.Module:
-    """`cls(**args)` carrying `cfg` as built (the class has `in_chans`, `img_size`, `num_classes`)."""
+    """`cls(**args)` carrying `cfg` as built (the class has `in_chans`, `img_size`, `num_classes`). An argument
+    the constructor does not take is a ValueError naming it; a TypeError raised inside the constructor is a bug
+    and is left alone."""
+    parameters = inspect.signature(cls).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        unknown = sorted(set(args) - set(parameters))
+        if unknown:
+            raise ValueError(f"{variant}: {cls.__name__} takes no argument {', '.join(unknown)}; it takes "
+                             f"{', '.join(parameters)}")
     model = cls(**args)
     set_pretrained_cfg(model, cfg_as_built(cfg, variant, model.in_chans, model.img_size, model.num_classes))
     return model

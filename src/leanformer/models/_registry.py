@@ -83,11 +83,8 @@ def create_model(
             "pretrained=True is not supported: leanformer never downloads weights; "
             "pass a local file with checkpoint_path=..."
         )
-    try:
-        check_fits_in_memory(weight_bytes(lambda: _entrypoints[name](**kwargs)), f"{name} with {kwargs or 'defaults'}")
-        model = _entrypoints[name](**kwargs)
-    except TypeError as err:  # an argument the constructor does not take
-        raise ValueError(f"{name}: {err}") from err
+    check_fits_in_memory(weight_bytes(lambda: _entrypoints[name](**kwargs)), f"{name} with {kwargs or 'defaults'}")
+    model = _entrypoints[name](**kwargs)
     if checkpoint_path is not None:
         family = sys.modules[_entrypoints[name].__module__]
         load_checkpoint(model, checkpoint_path, getattr(family, "checkpoint_filter_fn", None))
