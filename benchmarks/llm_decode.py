@@ -39,7 +39,7 @@ from leanformer._loading import cache_root, causal_lm_folder
 from leanformer.data.text import lm_eval_batches
 from leanformer.sparsity import DecodeConfig, ThresholdConfig, calibrate_thresholds, fast_decoder, threshold_sparsity
 from leanformer.sparsity.decode import weight_bytes_per_token
-from leanformer.sparsity.prosparse import causal_lm_loss
+from leanformer.sparsity.prosparse_training import causal_lm_loss
 from leanformer.sparsity.tune import best_decode_layout
 
 try:

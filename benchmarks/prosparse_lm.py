@@ -35,7 +35,7 @@ from leanformer._io import write_json_atomic
 from leanformer.data.text import lm_batches, lm_eval_batches, load_text
 from leanformer.engine.optim import build_optimizer, lr_at, set_lr
 from leanformer.sparsity import measure_sparsity, relufy
-from leanformer.sparsity.prosparse import ProSparseConfig, causal_lm_loss, prosparse
+from leanformer.sparsity.prosparse_training import ProSparseConfig, causal_lm_loss, prosparse
 from leanformer.sparsity.regularize import PROSPARSE_7B, ProSparseSchedule
 
 try:

@@ -58,7 +58,7 @@ from leanformer.sparsity import (
     threshold_sparsity,
     train_predictors,
 )
-from leanformer.sparsity.prosparse import ProSparseConfig, causal_lm_loss, prosparse
+from leanformer.sparsity.prosparse_training import ProSparseConfig, causal_lm_loss, prosparse
 from leanformer.sparsity.regularize import PROSPARSE_7B, ProSparseSchedule
 
 try:

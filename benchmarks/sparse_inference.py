@@ -35,7 +35,7 @@ from leanformer.data.text import lm_batches, lm_eval_batches, load_text
 from leanformer.sparsity import find_ffns, inference_report, measure_sparsity, sparsify_for_inference
 from leanformer.sparsity.inference import calibrate_max_active
 from leanformer.sparsity.predictor import PredictorConfig, evaluate_predictors, train_predictors
-from leanformer.sparsity.prosparse import ProSparseConfig, prosparse
+from leanformer.sparsity.prosparse_training import ProSparseConfig, prosparse
 from leanformer.sparsity.regularize import PROSPARSE_7B, ProSparseSchedule
 from leanformer.sparsity.speed import SYNTHETIC_SPECS, synthetic_layers, time_sparse_ffn
 

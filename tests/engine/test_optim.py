@@ -81,7 +81,7 @@ def test_config_refuses_non_finite_and_non_numbers(kwargs, message):
 
 def test_one_number_check_for_every_run_config():
     from leanformer.adapters.multitask import FinetuneConfig
-    from leanformer.sparsity.prosparse import ProSparseConfig
+    from leanformer.sparsity.prosparse_training import ProSparseConfig
 
     for config in (TrainConfig, ProSparseConfig, FinetuneConfig):
         for name, value in (("lr", math.nan), ("weight_decay", math.inf), ("clip_grad", math.inf), ("lr", True)):

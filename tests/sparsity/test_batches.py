@@ -11,7 +11,7 @@ from leanformer.sparsity._batches import split_batch, split_pair
 from leanformer.sparsity.activations import relufy
 from leanformer.sparsity.measure import measure_sparsity
 from leanformer.sparsity.predictor import evaluate_predictors, record_ffn_activity, train_predictors
-from leanformer.sparsity.prosparse import ProSparseConfig, prosparse
+from leanformer.sparsity.prosparse_training import ProSparseConfig, prosparse
 
 transformers = pytest.importorskip("transformers")
 

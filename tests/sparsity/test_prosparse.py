@@ -14,7 +14,7 @@ from leanformer.data import lm_batches, lm_eval_batches
 from leanformer.engine.checkpoint import NonFiniteLossError, load_checkpoint_folder
 from leanformer.sparsity.activations import FATReLU
 from leanformer.sparsity.ffn import find_ffns
-from leanformer.sparsity.prosparse import (
+from leanformer.sparsity.prosparse_training import (
     TASK_LOSSES,
     ProSparseConfig,
     causal_lm_loss,

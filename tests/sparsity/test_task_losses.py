@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from leanformer.sparsity import ProSparseConfig, prosparse
-from leanformer.sparsity.prosparse import causal_lm_loss, model_loss, task_loss_for
+from leanformer.sparsity.prosparse_training import causal_lm_loss, model_loss, task_loss_for
 
 transformers = pytest.importorskip("transformers")
 

@@ -20,7 +20,7 @@ from ..data import lm_batches, lm_eval_batches, load_data, load_text, load_token
 from ..engine import check_resume, process_group
 from ..models import create_model, is_model
 from ..sparsity.pretrained import WEIGHTS_NAME, save_pretrained
-from ..sparsity.prosparse import ProSparseConfig, ProSparseResult, prosparse
+from ..sparsity.prosparse_training import ProSparseConfig, ProSparseResult, prosparse
 from ._options import add_config_options, given_options
 
 DEFAULTS = ProSparseConfig()

@@ -13,7 +13,7 @@ from .._io import check_writable_dir, dumps_json, write_files_atomic, write_json
 from .._runfolder import claim_run_folder
 from ..data import lm_eval_batches, load_text, load_tokenizer
 from ..sparsity import ThresholdConfig, calibrate_thresholds, save_pretrained, threshold_sparsity
-from ..sparsity.prosparse import causal_lm_loss
+from ..sparsity.prosparse_training import causal_lm_loss
 from ..sparsity.thresholds import ALLOCATIONS, METHODS
 from ._options import check_positive
 from .sparsify import causal_lm_folder_of, check_vocab, hf_progress_bars, load_causal_lm

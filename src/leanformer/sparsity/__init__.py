@@ -27,7 +27,7 @@ from .predictor import (
     train_predictors,
 )
 from .pretrained import load_pretrained, save_pretrained
-from .prosparse import ProSparseConfig, ProSparseResult, prosparse
+from .prosparse_training import ProSparseConfig, ProSparseResult, prosparse
 from .regularize import PROSPARSE_7B, PROSPARSE_13B, ProSparseSchedule, SparsityRegularizer
 from .thresholds import (
     InputSparseLinear,

@@ -355,7 +355,7 @@ def calibrate_thresholds(model: nn.Module, batches: Iterable, config: ThresholdC
     (`prosparse.task_loss_for`). Thresholds set earlier are removed first; ``progress`` shows a bar over the
     greedy search's forwards of the first batch. Returns what was set.
     """
-    from .prosparse import task_loss_for  # imported here: prosparse imports the whole training loop
+    from .prosparse_training import task_loss_for  # imported here: prosparse imports the whole training loop
 
     config = config or ThresholdConfig()
     batches = list(batches)
