@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="a small tensor: checks the script works")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    if _native.kernels("quantize") is None:
+    if _native.kernels(Q.KERNEL_SOURCE) is None:
         raise SystemExit("the compiled kernels are not available here (no compiler, or LEANFORMER_NATIVE=0)")
     x = torch.randn(512 if args.quick else 16 * 3136, 384, generator=torch.Generator().manual_seed(0))
     result = {"machine": machine_info(), "shape": list(x.shape), "mib": x.nbytes / 2**20, "runs": args.runs,

@@ -16,16 +16,10 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
-_SOURCES = {
-    "quantize": Path(__file__).parent / "memory" / "csrc" / "quantize.cpp",
-    "sparse_ffn": Path(__file__).parent / "sparsity" / "csrc" / "sparse_ffn.cpp",
-    "decode": Path(__file__).parent / "sparsity" / "csrc" / "decode.cpp",
-}
 
-
-def source_digest(name: str) -> str:
-    """A short digest of kernel ``name``'s source: part of the key of any choice measured on those kernels."""
-    return hashlib.sha256(_SOURCES[name].read_bytes()).hexdigest()[:10]
+def source_digest(source: Path) -> str:
+    """A short digest of the kernel source file ``source``: part of the key of any choice measured on it."""
+    return hashlib.sha256(Path(source).read_bytes()).hexdigest()[:10]
 
 
 def enabled() -> bool:
@@ -63,10 +57,11 @@ def _import_load():
 
 
 @functools.cache
-def _build(name: str) -> ModuleType | None:
+def _build(source: Path) -> ModuleType | None:
+    name = source.stem
     try:
         load = _import_load()
-        return load(name=f"leanformer_{name}", sources=[str(_SOURCES[name])], extra_cflags=_cflags(),
+        return load(name=f"leanformer_{name}", sources=[str(source)], extra_cflags=_cflags(),
                     extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # noqa: BLE001 - any build failure means "use the PyTorch path", said once
         warnings.warn(f"leanformer: could not build the compiled {name} kernels ({type(e).__name__}: {e}); "
@@ -74,6 +69,7 @@ def _build(name: str) -> ModuleType | None:
         return None
 
 
-def kernels(name: str) -> ModuleType | None:
-    """The compiled extension ``name`` (built on first call), or None if disabled or unbuildable."""
-    return _build(name) if enabled() else None
+def kernels(source: Path) -> ModuleType | None:
+    """The extension compiled from the C++ file ``source`` (each pillar names its own ``csrc/`` file; built on
+    first call, named after the file), or None if disabled or unbuildable."""
+    return _build(Path(source)) if enabled() else None

@@ -10,9 +10,10 @@ import pytest
 from leanformer._native import kernels
 from leanformer.cli.main import main
 from leanformer.sparsity import InputSparseLinear, load_pretrained
+from leanformer.sparsity.decode import DECODE_SOURCE
 
 pytest.importorskip("transformers")
-needs_kernels = pytest.mark.skipif(kernels("decode") is None, reason="no C++ compiler for the decode kernels")
+needs_kernels = pytest.mark.skipif(kernels(DECODE_SOURCE) is None, reason="no C++ compiler for the decode kernels")
 
 PROMPT = "To be, or not"
 

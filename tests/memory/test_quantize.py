@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from leanformer import _native
 from leanformer.memory.quantize import (
+    KERNEL_SOURCE,
     QuantizedTensor,
     dequantize,
     ema_update,
@@ -347,7 +348,7 @@ def test_noise_pool_rounding_is_unbiased():
 def test_native_kernels_are_built(path):
     """On a machine with a C++ compiler the fast path must build (set LEANFORMER_NATIVE=0 to run without it)."""
     if path == "native":
-        assert _native.kernels("quantize") is not None
+        assert _native.kernels(KERNEL_SOURCE) is not None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -23,8 +23,9 @@ from leanformer.sparsity import (
     sparsify_for_inference,
     train_predictors,
 )
+from leanformer.sparsity.decode import DECODE_SOURCE
 
-pytestmark = pytest.mark.skipif(kernels("decode") is None, reason="no C++ compiler for the decode kernels")
+pytestmark = pytest.mark.skipif(kernels(DECODE_SOURCE) is None, reason="no C++ compiler for the decode kernels")
 
 VOCAB = 120
 _COMMON = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=136, num_hidden_layers=2, num_attention_heads=6,

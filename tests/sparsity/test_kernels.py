@@ -8,7 +8,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from leanformer import _native
-from leanformer.sparsity.kernels import backend, gated_down, gather_matmul, input_sparse_down, scatter_matmul
+from leanformer.sparsity.kernels import (
+    KERNEL_SOURCE,
+    backend,
+    gated_down,
+    gather_matmul,
+    input_sparse_down,
+    scatter_matmul,
+)
 
 
 @pytest.fixture(autouse=True, params=["native", "reference"])
@@ -23,7 +30,7 @@ def test_native_kernels_are_built_and_chosen(path):
     with torch.no_grad():
         assert backend(x, w) == ("native" if path == "native" else "torch")
     if path == "native":
-        assert _native.kernels("sparse_ffn") is not None
+        assert _native.kernels(KERNEL_SOURCE) is not None
 
 
 def test_backend_falls_back_for_autograd_and_other_dtypes():

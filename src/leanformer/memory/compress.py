@@ -320,7 +320,7 @@ class ActivationCompressor:
     def _noise_pool(self, device: torch.device) -> torch.Tensor | None:
         """Uniform noise read at random offsets for stochastic rounding: much cheaper than fresh draws.
         None where the compiled kernels run (they make their own noise)."""
-        if device.type == "cpu" and _native.kernels("quantize") is not None:
+        if device.type == "cpu" and _native.kernels(Q.KERNEL_SOURCE) is not None:
             return None
         if device not in self._pools:
             self._pools[device] = Q.make_noise_pool(device, self._generator(device))

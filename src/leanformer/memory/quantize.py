@@ -25,11 +25,14 @@ checking ``ranges_are_finite(lo, hi)`` first.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
 from .. import _native
+
+KERNEL_SOURCE = Path(__file__).parent / "csrc" / "quantize.cpp"  # the compiled fast path of this module
 
 GroupSpec = str | int
 
@@ -128,7 +131,7 @@ def _native_kernels(x: torch.Tensor):
     """The compiled kernels if they apply to x (a non-empty CPU tensor), else None."""
     if x.device.type != "cpu" or x.numel() == 0:
         return None
-    return _native.kernels("quantize")
+    return _native.kernels(KERNEL_SOURCE)
 
 
 def _native_layout(shape: torch.Size, lay: _Layout) -> tuple[int, int, bool, int]:

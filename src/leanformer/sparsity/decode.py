@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -33,6 +34,8 @@ import torch.nn.functional as F
 from .._native import kernels as native_kernels
 from .predictor import LowRankPredictor, Predictors
 from .thresholds import InputSparseLinear, is_thresholded
+
+DECODE_SOURCE = Path(__file__).parent / "csrc" / "decode.cpp"  # the compiled decoder
 
 __all__ = ["LLAMA_FAMILY", "DecodeConfig", "FastDecoder", "fast_decoder"]
 
@@ -297,7 +300,7 @@ def fast_decoder(model: nn.Module, config: DecodeConfig | None = None, predictor
     limit = getattr(model.config, "max_position_embeddings", None)
     if isinstance(limit, int) and config.max_len > limit:
         raise ValueError(f"DecodeConfig.max_len={config.max_len} exceeds the model's max_position_embeddings {limit}")
-    native = native_kernels("decode")
+    native = native_kernels(DECODE_SOURCE)
     if native is None:
         raise RuntimeError("fast_decoder needs leanformer's compiled kernels (a C++ compiler and ninja; "
                            "LEANFORMER_NATIVE=1): decode with model.generate instead")

@@ -43,7 +43,7 @@ from .._tuning import tuned
 from ._positions import PositionTracker
 from .activations import FATReLU, TopK
 from .ffn import FFN, FFNSpec, find_ffns, layer_kind, refuse_fused_experts
-from .kernels import backend, gated_down, gather_matmul, input_sparse_down, scatter_matmul
+from .kernels import KERNEL_SOURCE, backend, gated_down, gather_matmul, input_sparse_down, scatter_matmul
 
 __all__ = ["INFERENCE_MODES", "SparseGatedFFN", "SparseInputConv1D", "SparseInputConv2d", "SparseInputLinear",
            "calibrate_max_active", "desparsify", "inference_report", "sparsify_for_inference"]
@@ -404,7 +404,7 @@ def calibrate_max_active(ffn: FFN, mode: str = "exact", fractions: Iterable[floa
     return best
 
 
-_SPARSE_KERNELS = source_digest("sparse_ffn")
+_SPARSE_KERNELS = source_digest(KERNEL_SOURCE)
 
 
 def _measured_sparse_path(ffn: FFN, mode: str, gated: bool) -> tuple[float, bool]:

@@ -23,12 +23,15 @@ machine). `backend` says which one a call takes, so callers can report what ran.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from .._native import kernels as _native_kernels
+
+KERNEL_SOURCE = Path(__file__).parent / "csrc" / "sparse_ffn.cpp"  # the compiled fast path of this module
 
 __all__ = ["SparseCall", "active_units", "backend", "gated_down", "gather_matmul", "input_sparse_down",
            "scatter_matmul"]
@@ -51,7 +54,7 @@ def backend(*tensors: torch.Tensor, native: bool = True) -> str:
     for t in tensors:  # a plain loop: this runs on every FFN call of a decode step
         if not t.is_cpu or t.dtype != torch.float32 or (grad and t.requires_grad):
             return "torch"
-    return "native" if _native_kernels("sparse_ffn") is not None else "torch"
+    return "native" if _native_kernels(KERNEL_SOURCE) is not None else "torch"
 
 
 def _check(a: torch.Tensor, w: torch.Tensor, index: torch.Tensor, what: str) -> None:
@@ -72,7 +75,7 @@ def gather_matmul(x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, na
     computed in x's dtype (the selected rows are cast to it)."""
     _check(x, weight, index, "gather_matmul")
     if backend(x, weight, native=native) == "native":
-        return _native_kernels("sparse_ffn").gather_matmul(x.contiguous(), weight.contiguous(), index.contiguous())
+        return _native_kernels(KERNEL_SOURCE).gather_matmul(x.contiguous(), weight.contiguous(), index.contiguous())
     return x @ _rows(weight, index, x.dtype).T
 
 
@@ -88,7 +91,7 @@ def scatter_matmul(h: torch.Tensor, weight_t: torch.Tensor, index: torch.Tensor,
     if h.shape[1] != index.numel():
         raise ValueError(f"scatter_matmul: h has {h.shape[1]} columns for {index.numel()} indices")
     if backend(h, weight_t, native=native) == "native":
-        return _native_kernels("sparse_ffn").scatter_matmul(h.contiguous(), weight_t.contiguous(),
+        return _native_kernels(KERNEL_SOURCE).scatter_matmul(h.contiguous(), weight_t.contiguous(),
                                                             index.contiguous())
     if index.numel() == 0:
         return h.new_zeros(h.shape[0], weight_t.shape[1])
@@ -114,7 +117,7 @@ def gated_down(x: torch.Tensor, a: torch.Tensor, up_weight: torch.Tensor, up_bia
     """
     if backend(x, a, up_weight, weight_t, native=native) == "native" and (
             up_bias is None or up_bias.dtype == torch.float32):
-        out, count = _native_kernels("sparse_ffn").gated_down(
+        out, count = _native_kernels(KERNEL_SOURCE).gated_down(
             x.contiguous(), a.contiguous(), up_weight.contiguous(),
             None if up_bias is None else up_bias.contiguous(), weight_t.contiguous(), max_units, threshold)
         return SparseCall(out, count, "native")
@@ -134,7 +137,7 @@ def input_sparse_down(h: torch.Tensor, weight_t: torch.Tensor, max_units: int, n
     """``h @ weight_t`` over the units nonzero for some token of ``h`` (tokens, units); ``out`` is None if
     more than ``max_units`` are."""
     if backend(h, weight_t, native=native) == "native":
-        out, count = _native_kernels("sparse_ffn").input_sparse_down(h.contiguous(), weight_t.contiguous(), max_units)
+        out, count = _native_kernels(KERNEL_SOURCE).input_sparse_down(h.contiguous(), weight_t.contiguous(), max_units)
         return SparseCall(out, count, "native")
     index = active_units(h)
     if index.numel() > max_units:

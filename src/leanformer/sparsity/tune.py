@@ -17,18 +17,19 @@ from .._native import kernels as native_kernels
 from .._native import source_digest
 from .._timing import time_interleaved
 from .._tuning import tuned
+from .decode import DECODE_SOURCE
 
 __all__ = ["MARGIN", "best_decode_layout", "time_layouts"]
 
 MARGIN = 0.03  # "cols" must beat "rows" by this fraction to be chosen
 # the kernels' source digest is part of the key: a choice measured on other kernels is measured again
-_KERNELS = source_digest("decode")
+_KERNELS = source_digest(DECODE_SOURCE)
 _FLUSH_BYTES = 96 << 20
 
 
 def time_layouts(shapes: list[tuple[int, int]], runs: int = 7) -> dict[str, float]:
     """Median seconds of one pass over ``shapes`` ((out, in) each) per layout, every weight read from memory."""
-    native = native_kernels("decode")
+    native = native_kernels(DECODE_SOURCE)
     if native is None:
         raise RuntimeError("the compiled decode kernels are not available here")
     bytes_per_pass = sum(out * inp for out, inp in shapes) * 4
