@@ -19,7 +19,7 @@ SHAKESPEARE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "
 def tiny_llama() -> Callable[[Path, str], Path]:
     """Write a 2-layer LLaMA (hidden 32, FFN 64, byte vocabulary) with FFN activation ``hidden_act`` to a folder."""
     transformers = pytest.importorskip("transformers")
-    from leanformer.cli.sparsify import hf_progress_bars
+    from leanformer._hf import hf_progress_bars
 
     def build(folder: Path, hidden_act: str) -> Path:
         torch.manual_seed(0)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from leanformer._hf import hf_progress_bars, load_causal_lm
 from leanformer.cli.main import main
-from leanformer.cli.sparsify import hf_progress_bars, load_causal_lm
 from leanformer.data import decode_tokens, encode_text
 from leanformer.sparsity import relufy
 

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
+from leanformer._hf import hf_progress_bars, load_causal_lm
 from leanformer.cli.main import main
-from leanformer.cli.sparsify import hf_progress_bars, load_causal_lm
 from leanformer.data import lm_eval_batches, load_text
 from leanformer.sparsity import Predictors, evaluate_predictors, relufy
 

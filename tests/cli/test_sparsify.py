@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from leanformer import create_model, load_data, load_pretrained
+from leanformer._hf import hf_progress_bars, load_causal_lm
 from leanformer.cli import sparsify as sparsify_cli
 from leanformer.cli.main import main
-from leanformer.cli.sparsify import hf_progress_bars, load_causal_lm
 from leanformer.data import lm_eval_batches, load_text
 from leanformer.sparsity.ffn import find_ffns
 from leanformer.sparsity.measure import measure_sparsity

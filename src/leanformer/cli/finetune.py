@@ -8,11 +8,11 @@ import textwrap
 import time
 from pathlib import Path
 
+from .._hf import hf_progress_bars
 from .._io import check_writable_dir, dumps_json
 from ..adapters.multitask import RUN_OUTPUTS, FinetuneConfig, FinetuneResult, check_task_name, finetune
 from ..data.tasks import FORMATS, TaskData, load_task, split_task
 from ._options import add_config_options, given_options
-from .sparsify import hf_progress_bars
 
 DEFAULTS = FinetuneConfig()
 DEFAULT_TEST_FRACTION = 0.1

@@ -13,14 +13,21 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from .._hf import check_vocab
 from .._io import dumps_json
 from ..data import decode_tokens, encode_text
-from ..sparsity import DecodeConfig, Predictors, fast_decoder, inference_report, sparsify_for_inference
+from ..sparsity import (
+    DecodeConfig,
+    Predictors,
+    fast_decoder,
+    inference_report,
+    load_sparsified_lm,
+    sparsify_for_inference,
+)
 from ..sparsity.kernels import backend
 from ..sparsity.predictor import FILE_NAME as PREDICTORS_FILE
-from ._causal_lm import add_model_options, load_sparsified_lm, model_folder
+from ._causal_lm import add_model_options, model_folder, reading_model
 from ._options import check_positive
-from .sparsify import check_vocab
 
 SPARSE_MODES = ("exact", "predictor", "off")
 ENGINES = ("auto", "compiled", "hf")
@@ -188,7 +195,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--predictors {path}: no such file; train predictors for this model first with "
                              f"`leanformer predictors --model {args.model} --data TEXTFILE`")
         predictors = Predictors.load(path)
-    lm = load_sparsified_lm(args.model, args.threshold, progress)
+    with reading_model():
+        lm = load_sparsified_lm(args.model, args.threshold, progress, threshold_name="--threshold")
     prompt = encode_text(args.prompt, lm.tokenizer)
     if len(prompt) == 0:
         raise ValueError(f"--prompt {args.prompt!r} encodes to no tokens: expected some text to continue")

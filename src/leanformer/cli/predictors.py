@@ -11,14 +11,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .._hf import check_vocab
 from .._io import check_writable_dir, dumps_json, write_json_atomic
 from .._runfolder import claim_run_folder
 from ..data import lm_batches, lm_eval_batches, load_text
-from ..sparsity import PredictorConfig, PredictorReport, evaluate_predictors, train_predictors
+from ..sparsity import PredictorConfig, PredictorReport, evaluate_predictors, load_sparsified_lm, train_predictors
 from ..sparsity.predictor import FILE_NAME as PREDICTORS_FILE
-from ._causal_lm import add_model_options, load_sparsified_lm, model_folder
+from ._causal_lm import add_model_options, model_folder, reading_model
 from ._options import add_config_options, check_positive, given_options
-from .sparsify import check_vocab
 
 DEFAULTS = PredictorConfig()
 REPORT_FILE = "predictors.json"
@@ -82,8 +82,9 @@ def run(args: argparse.Namespace) -> int:
     model_folder(args)
     out = args.out or args.model
     check_writable_dir(out, "--out" if args.out else "--model", files=(PREDICTORS_FILE, REPORT_FILE))
-    lm = load_sparsified_lm(args.model, args.threshold, progress,
-                            relu_needed_by="learning which hidden units are zero")
+    with reading_model():
+        lm = load_sparsified_lm(args.model, args.threshold, progress,
+                                relu_needed_by="learning which hidden units are zero", threshold_name="--threshold")
     text = load_text(args.data, args.held_out, args.seq_len, lm.tokenizer)
     check_vocab(lm.model, args.model, (text.train, text.val), text.source)
 

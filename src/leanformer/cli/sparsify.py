@@ -5,22 +5,22 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
+from .._hf import causal_lm_folder_of, check_vocab, hf_progress_bars, load_causal_lm
 from .._io import check_writable_dir, dumps_json, write_files_atomic, write_json_atomic
-from .._loading import causal_lm_folder, hf_from_pretrained
 from .._runfolder import claim_run_folder
 from ..data import lm_batches, lm_eval_batches, load_data, load_text, load_tokenizer
 from ..engine import check_resume, process_group
 from ..models import create_model, is_model
 from ..sparsity.pretrained import WEIGHTS_NAME, save_pretrained
 from ..sparsity.prosparse_training import ProSparseConfig, ProSparseResult, prosparse
+from ._causal_lm import reading_model
 from ._options import add_config_options, given_options
 
 DEFAULTS = ProSparseConfig()
@@ -101,68 +101,6 @@ def build_config(args: argparse.Namespace) -> ProSparseConfig:
     return ProSparseConfig(**given)
 
 
-def check_causal_lm_folder(folder: Path) -> None:
-    """Refuse, naming the file, a folder that is not a Hugging Face causal LM in save_pretrained layout."""
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise ValueError(f"--model {folder}: no config.json; expected a Hugging Face causal LM folder "
-                         "(save_pretrained layout) or a registered backbone name (see `leanformer models`)")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{config_path}: not valid JSON ({err})") from err
-    architectures = config.get("architectures") if isinstance(config, dict) else None
-    if not isinstance(architectures, list) or not any(str(a).endswith("ForCausalLM") for a in architectures):
-        raise ValueError(f"{config_path}: architectures {architectures!r} is not a causal language model "
-                         "(expected a *ForCausalLM such as LlamaForCausalLM)")
-
-
-@contextmanager
-def hf_progress_bars(enabled: bool) -> Iterator[None]:
-    """Show or hide transformers' loading/saving bars inside the block; its switch is process-wide, so the
-    previous setting is put back afterwards."""
-    from transformers.utils import logging as hf_logging  # imported here: transformers is slow to import
-
-    were_enabled = hf_logging.is_progress_bar_enabled()
-    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
-    try:
-        yield
-    finally:
-        (hf_logging.enable_progress_bar if were_enabled else hf_logging.disable_progress_bar)()
-
-
-def causal_lm_folder_of(path: Path, progress: bool) -> Path:
-    """The Hugging Face folder of ``--model``: the folder, or the cached conversion of a GGUF file (made on first
-    use, with transformers' progress bars when ``progress``); checked to be a causal LM before any slower work."""
-    if path.is_file():
-        with hf_progress_bars(progress):
-            path = causal_lm_folder(path)
-    elif not path.is_dir():
-        raise ValueError(f"--model {path}: no such folder or GGUF file")
-    check_causal_lm_folder(path)
-    return path
-
-
-def load_causal_lm(folder: Path) -> nn.Module:
-    """A Hugging Face causal LM from a local folder (nothing is downloaded); a missing, damaged (truncated
-    safetensors) or hostile (a pickle carrying code) weights file is one ValueError naming the folder."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        return hf_from_pretrained(AutoModelForCausalLM, folder)
-    except ValueError as err:
-        raise ValueError(f"--model {err}") from err
-
-
-def check_vocab(model: nn.Module, folder: Path, tokens: Iterable[torch.Tensor], source: str) -> None:
-    """Refuse token ids the model's embedding cannot hold (bytes fed to a model with a smaller vocabulary),
-    naming the config and where the tokens came from."""
-    largest = max(int(part.max()) for part in tokens)
-    if largest >= model.config.vocab_size:
-        raise ValueError(f"{folder / 'config.json'}: vocab_size={model.config.vocab_size} is too small for the "
-                         f"data, token id {largest} in {source}")
-
-
 def _endless(dataset: Dataset, batch_size: int, seed: int) -> Iterator:
     """Shuffled epochs of ``dataset`` one after another, the order fixed by ``seed``."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
@@ -197,13 +135,14 @@ def run(args: argparse.Namespace) -> int:
         if not folder.exists():
             raise ValueError(f"--model {args.model!r}: not a registered backbone (see `leanformer models`) and no "
                              "such folder or GGUF file")
-        folder = causal_lm_folder_of(folder, not args.no_progress)
+        with reading_model():
+            folder = causal_lm_folder_of(folder, not args.no_progress)
         for flag, value in (("--checkpoint", args.checkpoint), ("--img-size", args.img_size)):
             if value is not None:
                 raise ValueError(f"{flag} applies to registered backbones only, not to a Hugging Face folder")
         if args.data is None:
             raise ValueError("--data: a causal LM needs a UTF-8 text file to train on")
-        with hf_progress_bars(not args.no_progress):
+        with hf_progress_bars(not args.no_progress), reading_model():
             model = load_causal_lm(folder)
         tokenizer = load_tokenizer(folder)
         text = load_text(args.data, args.val_fraction, config.seq_len, tokenizer)

@@ -9,14 +9,15 @@ from pathlib import Path
 
 import torch
 
+from .._hf import causal_lm_folder_of, check_vocab, hf_progress_bars, load_causal_lm
 from .._io import check_writable_dir, dumps_json, write_files_atomic, write_json_atomic
 from .._runfolder import claim_run_folder
 from ..data import lm_eval_batches, load_text, load_tokenizer
 from ..sparsity import ThresholdConfig, calibrate_thresholds, save_pretrained, threshold_sparsity
 from ..sparsity.prosparse_training import causal_lm_loss
 from ..sparsity.thresholds import ALLOCATIONS, METHODS
+from ._causal_lm import reading_model
 from ._options import check_positive
-from .sparsify import causal_lm_folder_of, check_vocab, hf_progress_bars, load_causal_lm
 
 REPORT = "thresholds.json"
 RUN_OUTPUTS = (REPORT, "config.json", "model.safetensors")
@@ -58,9 +59,10 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / time.strftime("thresholds-%Y%m%d-%H%M%S")
     check_writable_dir(out, "--out", (), RUN_OUTPUTS)
     progress = not args.no_progress
-    folder = causal_lm_folder_of(args.model, progress)
-    with hf_progress_bars(progress):
-        model = load_causal_lm(folder).eval()
+    with reading_model():
+        folder = causal_lm_folder_of(args.model, progress)
+        with hf_progress_bars(progress):
+            model = load_causal_lm(folder).eval()
     tokenizer = load_tokenizer(folder)
     text = load_text(args.data, args.val_fraction, 256, tokenizer)
     check_vocab(model, folder, (text.train, text.val), text.source)

@@ -26,7 +26,7 @@ from .predictor import (
     record_ffn_activity,
     train_predictors,
 )
-from .pretrained import load_pretrained, save_pretrained
+from .pretrained import SPARSITY_FILE, CausalLM, load_pretrained, load_sparsified_lm, save_pretrained
 from .prosparse_training import ProSparseConfig, ProSparseResult, prosparse
 from .regularize import PROSPARSE_7B, PROSPARSE_13B, ProSparseSchedule, SparsityRegularizer
 from .thresholds import (
@@ -39,6 +39,8 @@ from .thresholds import (
 )
 
 __all__ = [
+    "SPARSITY_FILE",
+    "CausalLM",
     "FFN",
     "FFN_SPECS",
     "INFERENCE_MODES",
@@ -76,6 +78,7 @@ __all__ = [
     "find_ffns",
     "inference_report",
     "load_pretrained",
+    "load_sparsified_lm",
     "measure_sparsity",
     "prosparse",
     "record_ffn_activity",

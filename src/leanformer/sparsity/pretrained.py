@@ -23,21 +23,26 @@ import copy
 import json
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
 from .._checks import check_int, check_real
+from .._hf import check_causal_lm_folder, hf_progress_bars, load_causal_lm
 from .._io import atomic_write, write_files_atomic
 from .._loading import first_line, hf_from_pretrained, read_safetensors
+from ..data import load_tokenizer
 from ..models._checkpoint import TRANSFORMS_METADATA_KEY, check_state_dict
-from .activations import FATReLU, is_topk_wrapped, topk_wrapped
+from .activations import FATReLU, is_topk_wrapped, relufy, topk_wrapped
 from .ffn import FFNSpec, activation_paths, find_ffns
 from .thresholds import input_threshold_record, is_thresholded, set_input_threshold, thresholded
 
-__all__ = ["activation_record", "load_pretrained", "save_pretrained", "sync_hf_config"]
+__all__ = ["SPARSITY_FILE", "CausalLM", "activation_record", "load_pretrained", "load_sparsified_lm",
+           "recorded_threshold", "save_pretrained", "sync_hf_config"]
 
 RECORD_FORMAT = "leanformer.ffn-activations"
 RECORD_VERSION = 1
@@ -295,3 +300,93 @@ def _load_module(path: Path, model: nn.Module) -> nn.Module:
     check_state_dict(model, state, repr(str(path)))
     model.load_state_dict(state)
     return model
+
+
+# -- a causal LM folder as `leanformer sparsify` left it ----------------------------------------------------------
+
+SPARSITY_FILE = "sparsity.json"  # what `leanformer sparsify` writes next to the model
+
+
+@dataclass(frozen=True)
+class CausalLM:
+    """The loaded model (eval mode), its tokenizer (None: bytes as tokens) and what its FFNs compute."""
+
+    model: nn.Module
+    tokenizer: Any | None
+    activation: str
+
+
+def _check_threshold(value: object, where: str) -> float:
+    return float(check_real(where, value, 0))
+
+
+def recorded_threshold(folder: Path) -> float | None:
+    """The FATReLU threshold in ``folder/sparsity.json`` (``config.threshold``), or None without file or field."""
+    path = folder / SPARSITY_FILE
+    if not path.is_file():
+        return None
+    try:
+        payload = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    config = payload.get("config") if isinstance(payload, dict) else None
+    if not isinstance(config, dict) or "threshold" not in config:
+        return None
+    return _check_threshold(config["threshold"], f"{path}: config.threshold")
+
+
+def load_sparsified_lm(folder: Path, threshold: float | None = None, progress: bool = False,
+                       relu_needed_by: str | None = None, threshold_name: str = "threshold") -> CausalLM:
+    """Load ``folder`` (nothing downloaded) with the FFN activations it was saved with, or FATReLU(threshold).
+
+    A folder whose config.json records its activations (`leanformer.save_pretrained`, as sparsify writes it) is
+    loaded exactly; an older sparsify folder (a ReLU config plus the threshold in sparsity.json) gets its recorded
+    threshold. A threshold > 0 needs a ReLU/FATReLU model: on any other activation FATReLU would replace what the
+    model was trained with, so that is refused, as is any non-ReLU model when ``relu_needed_by`` names a use that
+    needs one. Everything is checked before the weights load. ``threshold_name``: how messages name
+    ``threshold`` (a command line says its flag).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: no such folder")
+    check_causal_lm_folder(folder)
+    config_path = folder / "config.json"
+    values = json.loads(config_path.read_text())  # valid JSON: checked just above
+    record = values.get(CONFIG_KEY)
+    relu, described, problem = _ffn_activations(values, record, config_path)
+    source = threshold_name
+    if threshold is None and record is None:
+        threshold, source = recorded_threshold(folder), SPARSITY_FILE
+    elif threshold is not None:
+        _check_threshold(threshold, threshold_name)
+    if not relu and (threshold or relu_needed_by):
+        needs = (f"FATReLU (threshold {threshold:g} from {source}) applies to ReLU models" if threshold else
+                 f"{relu_needed_by} needs a ReLU or FATReLU model")
+        raise ValueError(f"{config_path}: {problem}, but {needs}, as `leanformer sparsify` saves them")
+    with hf_progress_bars(progress):
+        model = (load_causal_lm(folder) if record is None else load_pretrained(folder)).eval()
+    tokenizer = load_tokenizer(folder)
+    if not threshold:
+        return CausalLM(model, tokenizer, described)
+    relufy(model, "fatrelu", threshold)
+    return CausalLM(model, tokenizer, f"FATReLU(threshold={threshold:g}) from {source}")
+
+
+def _ffn_activations(values: dict, record: object, config_path: Path) -> tuple[bool, str, str]:
+    """(whether every FFN is ReLU or FATReLU, what they are in words, and the same as a reason to refuse) from a
+    folder's config.json."""
+    if record is None:
+        hidden_act = values.get("hidden_act")
+        return hidden_act == "relu", f"config.hidden_act {hidden_act!r}", f"hidden_act is {hidden_act!r}"
+    activations = record.get("activations") if isinstance(record, dict) else None
+    inputs = record.get("inputs") if isinstance(record, dict) else None
+    if not isinstance(activations, dict) or not (activations or inputs):
+        raise ValueError(f"{config_path}: {CONFIG_KEY}.activations must be a non-empty object")
+    if not activations:
+        described = f"TEAL input thresholds on {len(inputs)} Linears from config.json"
+        return False, described, described
+    entries = list(activations.values())
+    relu = all(isinstance(e, dict) and e.get("act") in ("relu", "fatrelu") and "topk" not in e for e in entries)
+    kinds = sorted({json.dumps(e, sort_keys=True) for e in entries})
+    described = f"FFN activations {', '.join(kinds)} from config.json"
+    return relu, described, described
