@@ -13,9 +13,27 @@ runs: SMoRA or PEFT's LoRA on a frozen encoder, on the training engine.
 from .config import SMoRAConfig
 from .layer import SMoRALinear
 from .model import add_smora, disable_adapters, remove_smora, routing_report, smora_layers
-from .multitask import FinetuneConfig, FinetuneResult, MultiTaskClassifier, finetune, load_finetuned
+from .multitask import RUN_OUTPUTS as FINETUNE_OUTPUTS
+from .multitask import FinetuneConfig, FinetuneResult, MultiTaskClassifier, check_task_name, finetune, load_finetuned
 from .peft import adapter_state_dict, load_adapter, read_adapter_config, save_adapter
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "MultiTaskClassifier", "SMoRAConfig", "SMoRALinear",
-           "adapter_state_dict", "add_smora", "disable_adapters", "finetune", "load_adapter", "load_finetuned",
-           "read_adapter_config", "remove_smora", "routing_report", "save_adapter", "smora_layers"]
+__all__ = [
+    "FINETUNE_OUTPUTS",
+    "FinetuneConfig",
+    "FinetuneResult",
+    "MultiTaskClassifier",
+    "SMoRAConfig",
+    "SMoRALinear",
+    "adapter_state_dict",
+    "add_smora",
+    "check_task_name",
+    "disable_adapters",
+    "finetune",
+    "load_adapter",
+    "load_finetuned",
+    "read_adapter_config",
+    "remove_smora",
+    "routing_report",
+    "save_adapter",
+    "smora_layers",
+]

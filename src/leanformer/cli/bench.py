@@ -7,8 +7,7 @@ from pathlib import Path
 
 from .._io import atomic_write, check_writable_file, dumps_json
 from .._machine import check_fits_in_memory, machine_info
-from ..sparsity import PredictorConfig
-from ..sparsity.speed import SPEED_MODES, time_sparse_ffn
+from ..sparsity import SPEED_MODES, PredictorConfig, time_sparse_ffn
 from ._options import check_positive
 
 FLOAT_BYTES = 4  # the synthetic layers are float32

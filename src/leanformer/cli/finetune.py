@@ -10,8 +10,10 @@ from pathlib import Path
 
 from .._hf import hf_progress_bars
 from .._io import check_writable_dir, dumps_json
-from ..adapters.multitask import RUN_OUTPUTS, FinetuneConfig, FinetuneResult, check_task_name, finetune
-from ..data.tasks import FORMATS, TaskData, load_task, split_task
+from ..adapters import FINETUNE_OUTPUTS as RUN_OUTPUTS
+from ..adapters import FinetuneConfig, FinetuneResult, check_task_name, finetune
+from ..data import TASK_FORMATS as FORMATS
+from ..data import TaskData, load_task, split_task
 from ._options import add_config_options, given_options
 
 DEFAULTS = FinetuneConfig()

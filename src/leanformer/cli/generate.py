@@ -17,15 +17,15 @@ from .._hf import check_vocab
 from .._io import dumps_json
 from ..data import decode_tokens, encode_text
 from ..sparsity import (
+    PREDICTORS_FILE,
     DecodeConfig,
     Predictors,
     fast_decoder,
     inference_report,
     load_sparsified_lm,
+    sparse_kernel_backend,
     sparsify_for_inference,
 )
-from ..sparsity.kernels import backend
-from ..sparsity.predictor import FILE_NAME as PREDICTORS_FILE
 from ._causal_lm import add_model_options, model_folder, reading_model
 from ._options import check_positive
 
@@ -213,7 +213,8 @@ def run(args: argparse.Namespace) -> int:
         if args.sparse != "off":
             model = sparsify_for_inference(copy.deepcopy(dense) if args.compare else dense, args.sparse, predictors,
                                            max_active=max_active)
-            backend(next(model.parameters()).detach())  # loads (or builds) the compiled kernels now, not while timed
+            # loads (or builds) the compiled kernels now, not while timed
+            sparse_kernel_backend(next(model.parameters()).detach())
         result = decode(model, prompt, max_new_tokens, "decode", progress)
         paths = None if args.sparse == "off" else {"engine": "hf", **path_summary(model)}
     payload = {"model": str(args.model), "activation": lm.activation, "sparse": args.sparse,

@@ -15,8 +15,14 @@ from .._hf import check_vocab
 from .._io import check_writable_dir, dumps_json, write_json_atomic
 from .._runfolder import claim_run_folder
 from ..data import lm_batches, lm_eval_batches, load_text
-from ..sparsity import PredictorConfig, PredictorReport, evaluate_predictors, load_sparsified_lm, train_predictors
-from ..sparsity.predictor import FILE_NAME as PREDICTORS_FILE
+from ..sparsity import (
+    PREDICTORS_FILE,
+    PredictorConfig,
+    PredictorReport,
+    evaluate_predictors,
+    load_sparsified_lm,
+    train_predictors,
+)
 from ._causal_lm import add_model_options, model_folder, reading_model
 from ._options import add_config_options, check_positive, given_options
 

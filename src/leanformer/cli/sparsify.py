@@ -18,8 +18,7 @@ from .._runfolder import claim_run_folder
 from ..data import lm_batches, lm_eval_batches, load_data, load_text, load_tokenizer
 from ..engine import check_resume, process_group
 from ..models import create_model, is_model
-from ..sparsity.pretrained import WEIGHTS_NAME, save_pretrained
-from ..sparsity.prosparse_training import ProSparseConfig, ProSparseResult, prosparse
+from ..sparsity import WEIGHTS_NAME, ProSparseConfig, ProSparseResult, prosparse, save_pretrained
 from ._causal_lm import reading_model
 from ._options import add_config_options, given_options
 

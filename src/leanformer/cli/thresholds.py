@@ -13,9 +13,9 @@ from .._hf import causal_lm_folder_of, check_vocab, hf_progress_bars, load_causa
 from .._io import check_writable_dir, dumps_json, write_files_atomic, write_json_atomic
 from .._runfolder import claim_run_folder
 from ..data import lm_eval_batches, load_text, load_tokenizer
-from ..sparsity import ThresholdConfig, calibrate_thresholds, save_pretrained, threshold_sparsity
-from ..sparsity.prosparse_training import causal_lm_loss
-from ..sparsity.thresholds import ALLOCATIONS, METHODS
+from ..sparsity import THRESHOLD_ALLOCATIONS as ALLOCATIONS
+from ..sparsity import THRESHOLD_METHODS as METHODS
+from ..sparsity import ThresholdConfig, calibrate_thresholds, causal_lm_loss, save_pretrained, threshold_sparsity
 from ._causal_lm import reading_model
 from ._options import check_positive
 

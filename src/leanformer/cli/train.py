@@ -10,9 +10,8 @@ from pathlib import Path
 from .._io import check_writable_dir, dumps_json
 from .._machine import check_fits_in_memory
 from ..data import digits
-from ..engine.checkpoint import CheckpointWriteError, load_checkpoint_folder, resolve_resume_folder, resume_run_folder
-from ..models import is_model
-from ..models._registry import model_entrypoint, weight_bytes
+from ..engine import CheckpointWriteError, load_checkpoint_folder, resolve_resume_folder, resume_run_folder
+from ..models import is_model, model_entrypoint, weight_bytes
 from ..train import TrainConfig, Trainer
 from ._options import add_config_options, given_options
 

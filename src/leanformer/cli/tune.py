@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .._io import dumps_json
 from .._tuning import cache_path, forget
-from ..sparsity.tune import best_decode_layout
+from ..sparsity import best_decode_layout
 
 DESCRIPTION = (
     "leanformer picks fast paths by timing them on the machine that runs them (the compiled decoder's weight "

@@ -14,6 +14,7 @@ from pathlib import Path
 from . import digits, folder, mnist
 from .digits import load_digits_split
 from .split import DataSplit, check_fraction
+from .tasks import FORMATS as TASK_FORMATS
 from .tasks import TaskData, encode_labels, label_vocab, load_task, split_task
 from .text import TextSplit, decode_tokens, encode_text, lm_batches, lm_eval_batches, load_text, load_tokenizer
 
@@ -53,6 +54,6 @@ def load_data(spec: str, img_size: int | None = None, val_fraction: float = 0.2,
     raise ValueError(f"{path}: not a dataset; expected an MNIST '<prefix>-images-idx3-ubyte[.gz]' file or a folder")
 
 
-__all__ = ["DataSplit", "TaskData", "TextSplit", "decode_tokens", "encode_labels", "encode_text", "label_vocab",
-           "lm_batches", "lm_eval_batches", "load_data", "load_digits_split", "load_task", "load_text",
+__all__ = ["TASK_FORMATS", "DataSplit", "TaskData", "TextSplit", "decode_tokens", "encode_labels", "encode_text",
+           "label_vocab", "lm_batches", "lm_eval_batches", "load_data", "load_digits_split", "load_task", "load_text",
            "load_tokenizer", "split_task"]

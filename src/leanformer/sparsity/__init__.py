@@ -16,7 +16,9 @@ from .inference import (
     inference_report,
     sparsify_for_inference,
 )
+from .kernels import backend as sparse_kernel_backend
 from .measure import LayerSparsity, SparsityReport, measure_sparsity
+from .predictor import FILE_NAME as PREDICTORS_FILE
 from .predictor import (
     LowRankPredictor,
     PredictorConfig,
@@ -26,9 +28,12 @@ from .predictor import (
     record_ffn_activity,
     train_predictors,
 )
-from .pretrained import SPARSITY_FILE, CausalLM, load_pretrained, load_sparsified_lm, save_pretrained
-from .prosparse_training import ProSparseConfig, ProSparseResult, prosparse
+from .pretrained import SPARSITY_FILE, WEIGHTS_NAME, CausalLM, load_pretrained, load_sparsified_lm, save_pretrained
+from .prosparse_training import ProSparseConfig, ProSparseResult, causal_lm_loss, prosparse
 from .regularize import PROSPARSE_7B, PROSPARSE_13B, ProSparseSchedule, SparsityRegularizer
+from .speed import SPEED_MODES, time_sparse_ffn
+from .thresholds import ALLOCATIONS as THRESHOLD_ALLOCATIONS
+from .thresholds import METHODS as THRESHOLD_METHODS
 from .thresholds import (
     InputSparseLinear,
     MagnitudeThreshold,
@@ -37,41 +42,49 @@ from .thresholds import (
     calibrate_thresholds,
     threshold_sparsity,
 )
+from .tune import best_decode_layout
 
 __all__ = [
-    "SPARSITY_FILE",
     "CausalLM",
-    "FFN",
-    "FFN_SPECS",
-    "INFERENCE_MODES",
-    "PROSPARSE_13B",
-    "PROSPARSE_7B",
     "DecodeConfig",
     "FATReLU",
+    "FFN",
     "FFNSpec",
+    "FFN_SPECS",
     "FastDecoder",
+    "INFERENCE_MODES",
     "InputSparseLinear",
     "LayerSparsity",
     "LowRankPredictor",
     "MagnitudeThreshold",
+    "PREDICTORS_FILE",
+    "PROSPARSE_13B",
+    "PROSPARSE_7B",
     "PredictorConfig",
     "PredictorReport",
     "Predictors",
     "ProSparseConfig",
     "ProSparseResult",
     "ProSparseSchedule",
+    "SPARSITY_FILE",
+    "SPEED_MODES",
     "SparseGatedFFN",
     "SparseInputConv1D",
     "SparseInputConv2d",
     "SparseInputLinear",
     "SparsityRegularizer",
     "SparsityReport",
+    "THRESHOLD_ALLOCATIONS",
+    "THRESHOLD_METHODS",
     "ThresholdConfig",
     "ThresholdReport",
     "TopK",
+    "WEIGHTS_NAME",
     "apply_topk",
-    "calibrate_thresholds",
+    "best_decode_layout",
     "calibrate_max_active",
+    "calibrate_thresholds",
+    "causal_lm_loss",
     "desparsify",
     "evaluate_predictors",
     "fast_decoder",
@@ -85,8 +98,10 @@ __all__ = [
     "relufy",
     "restore_activations",
     "save_pretrained",
+    "sparse_kernel_backend",
     "sparsify_for_inference",
     "structural_spec",
     "threshold_sparsity",
+    "time_sparse_ffn",
     "train_predictors",
 ]
