@@ -41,6 +41,7 @@ def snapshot(model: nn.Module, inputs) -> dict:
     model.eval()
     return {"modules": repr(model), "state": {k: v.clone() for k, v in model.state_dict().items()},
             "trainable": {k: p.requires_grad for k, p in model.named_parameters()}, "hooks": hooks(model),
+            "attributes": sorted(vars(model)),
             "config": model.config.to_dict() if hasattr(model, "config") and hasattr(model.config, "to_dict")
             else None, "output": run(model, inputs)}
 
@@ -50,6 +51,7 @@ def assert_same(before: dict, after: dict) -> None:
     assert after["state"].keys() == before["state"].keys()
     assert all(torch.equal(after["state"][k], v) for k, v in before["state"].items())
     assert after["trainable"] == before["trainable"] and after["hooks"] == before["hooks"]
+    assert after["attributes"] == before["attributes"]
     assert after["config"] == before["config"]
     torch.testing.assert_close(after["output"], before["output"], rtol=0, atol=0)
 
@@ -61,27 +63,33 @@ def family(request):
     return model.eval(), inputs
 
 
-def test_restore_activations_undoes_relufy_and_apply_topk(family):
-    model, inputs = family
-    before = snapshot(model, inputs)
-    relufy(model, "fatrelu", 0.01)
-    apply_topk(model, 4)
-    assert snapshot(model, inputs)["modules"] != before["modules"]
-    assert_same(before, snapshot(restore_activations(model), inputs))
-    with pytest.raises(ValueError, match="no activation to restore"):
-        restore_activations(model)
+# transform -> (prepare: what the transform needs first, apply, undo, the undo's error when there is nothing to undo)
+TRANSFORMS = {
+    "relufy+apply_topk": (None, lambda m: apply_topk(relufy(m, "fatrelu", 0.01), 4), restore_activations,
+                          "no activation to restore"),
+    "sparsify_for_inference": (relufy, lambda m: sparsify_for_inference(m, max_active=1.0), desparsify,
+                               "no sparse-inference modules"),
+    "add_smora": (None, lambda m: add_smora(m, SMoRAConfig(r=8, active_r=2, target_modules="all-linear",
+                                                             compute="gather")), remove_smora, "no SMoRA adapters"),
+    "compress_activations": (None, lambda m: compress_activations(m, CompressionConfig(bits=4)),
+                             decompress_activations, "not compressed"),
+}
 
 
-def test_desparsify_undoes_sparsify_for_inference(family):
+@pytest.mark.parametrize("transform", sorted(TRANSFORMS))
+def test_the_undo_gives_back_the_original_model(family, transform):
+    prepare, apply, undo, nothing_to_undo = TRANSFORMS[transform]
     model, inputs = family
-    relufy(model)
+    if prepare is not None:
+        prepare(model)
     before = snapshot(model, inputs)
-    sparsify_for_inference(model, max_active=1.0)
-    assert inference_report(model) and snapshot(model, inputs)["modules"] != before["modules"]
-    assert_same(before, snapshot(desparsify(model), inputs))
+    apply(model)
+    changed = snapshot(model, inputs)
+    assert any(changed[key] != before[key] for key in ("modules", "trainable", "hooks", "attributes"))
+    assert_same(before, snapshot(undo(model), inputs))
     assert all(p.is_contiguous() for p in model.parameters())
-    with pytest.raises(ValueError, match="no sparse-inference modules"):
-        desparsify(model)
+    with pytest.raises(ValueError, match=nothing_to_undo):
+        undo(model)
 
 
 def test_desparsify_of_a_copy_leaves_the_original_working():
@@ -99,20 +107,3 @@ def test_desparsify_of_a_copy_leaves_the_original_working():
     inference_report(model, reset=True)
     torch.testing.assert_close(run(model, inputs), expected, rtol=0, atol=0)
     assert inference_report(model)["model.layers.0.mlp"]["calls"]["dense"] == 1  # its first position: still exact
-
-
-def test_remove_smora_undoes_add_smora(family):
-    model, inputs = family
-    before = snapshot(model, inputs)
-    add_smora(model, SMoRAConfig(r=8, active_r=2, target_modules="all-linear", compute="gather"))
-    assert snapshot(model, inputs)["trainable"] != before["trainable"]
-    assert_same(before, snapshot(remove_smora(model), inputs))
-    with pytest.raises(ValueError, match="no SMoRA adapters"):
-        remove_smora(model)
-
-
-def test_decompress_activations_undoes_compress_activations(family):
-    model, inputs = family
-    before = snapshot(model, inputs)
-    compress_activations(model, CompressionConfig(bits=4))
-    assert_same(before, snapshot(decompress_activations(model), inputs))
