@@ -16,7 +16,7 @@ import json
 import statistics
 from pathlib import Path
 
-from leanformer import TrainConfig, Trainer
+from leanformer import CompressionConfig, TrainConfig, Trainer, compress_activations, saved_activation_bytes
 from leanformer._io import write_json_atomic
 
 try:
@@ -32,8 +32,11 @@ TASKS = {"digits": ("digits", 20, {}), "mnist": (str(MNIST), 3, {"img_size": 28}
 
 def run(task: str, variant: str, seed: int, quick: bool) -> dict:
     data, epochs, extra = TASKS[task]
-    config = TrainConfig(data=data, epochs=1 if quick else epochs, seed=seed, compress=variant, **extra)
-    result = Trainer(config, progress=False).fit()
+    config = TrainConfig(data=data, epochs=1 if quick else epochs, seed=seed, **extra)
+    compression = CompressionConfig.from_name(variant)
+    transforms = [] if compression is None else [lambda model: compress_activations(model, compression)]
+    result = Trainer(config, transforms=transforms, settings={"compress": variant},
+                     activation_meter=saved_activation_bytes, progress=False).fit()
     return {"seed": seed, "final_val_acc": result.final_val_acc, "best_val_acc": result.best_val_acc,
             "seconds": result.seconds, "saved_activation_ratio": result.saved_activation_ratio}
 

@@ -118,6 +118,14 @@ def test_train_with_compression_reports_the_saving(tmp_path):
     assert 0.2 < summary["saved_activation_ratio"] < 0.3 and summary["config"]["compress"] == "int8"
     proc = run_cli("train", "--compress", "int3", "--output", str(tmp_path / "x"))
     assert proc.returncode == 2 and "int8" in proc.stderr
+    # the compression is part of the run: a resume keeps it and may not change it
+    proc = run_cli("train", "--resume", str(tmp_path), "--compress", "int4")
+    assert proc.returncode == 2 and "cannot change compress" in proc.stderr
+    proc = run_cli("train", "--resume", str(tmp_path), "--epochs", "2", "--no-progress", "--json")
+    assert proc.returncode == 0, proc.stderr
+    resumed = json.loads(proc.stdout)
+    assert resumed["config"]["compress"] == "int8" and resumed["epochs_run"] == 1
+    assert 0.2 < resumed["saved_activation_ratio"] < 0.3
 
 
 TINY = ["--img-size", "16", "--epochs", "1", "--batch-size", "64", "--no-progress", "--json"]

@@ -11,6 +11,7 @@ from .._io import check_writable_dir, dumps_json
 from .._machine import check_fits_in_memory
 from ..data import digits
 from ..engine import CheckpointWriteError, load_checkpoint_folder, resolve_resume_folder, resume_run_folder
+from ..memory import CompressionConfig, compress_activations, saved_activation_bytes
 from ..models import is_model, model_entrypoint, weight_bytes
 from ..train import TrainConfig, Trainer
 from ._options import add_config_options, given_options
@@ -38,8 +39,8 @@ OPTIONS = {
     "--val-fraction": ("val_fraction", float, "share of the data held out for validation when the data has no split"),
     "--seed": ("seed", int, "seed for model init, data split and order: equal seeds give equal runs on CPU"),
     "--workers": ("workers", int, "DataLoader worker processes"),
-    "--compress": ("compress", str, "store activations saved for backward in 8/4/2 bits (Mesa) or exactly (none)"),
 }
+COMPRESS_CHOICES = ("none", "int8", "int4", "int2")
 
 
 def add_parser(sub) -> None:
@@ -51,6 +52,8 @@ def add_parser(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_config_options(p, OPTIONS, DEFAULTS)
+    p.add_argument("--compress", choices=COMPRESS_CHOICES, default=None,
+                   help="store activations saved for backward in 8/4/2 bits (Mesa) or exactly (default: none)")
     p.add_argument("--model-arg", dest="model_args", action="append", default=None, metavar="KEY=VALUE",
                    help="override a model constructor argument, VALUE as JSON (repeatable), "
                    "e.g. --model-arg drop_path_rate=0 --model-arg 'depths=[2,2,2]'")
@@ -84,18 +87,30 @@ def parse_model_args(items: list[str] | None) -> dict:
     return out
 
 
-def build_config(args: argparse.Namespace) -> TrainConfig:
+def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
+    """(the run's TrainConfig, its --compress): given, or read back from the run being resumed."""
     given = given_options(args, OPTIONS)
     if args.model_args:
         given["model_kwargs"] = parse_model_args(args.model_args)
+    if args.compress is not None:
+        given["compress"] = args.compress
     if args.resume is None:
-        return TrainConfig.from_dict({**DEFAULTS.to_dict(), **given})
+        compress = given.pop("compress", "none")
+        return TrainConfig.from_dict({**DEFAULTS.to_dict(), **given}), compress
     _, meta = load_checkpoint_folder(resolve_resume_folder(args.resume), require=("config",))
-    saved = meta["config"]
+    saved = {"compress": "none", **meta["config"]}
     fixed = sorted(k for k, v in given.items() if k not in ("epochs", "workers") and v != saved.get(k))
     if fixed:
         raise ValueError(f"--resume reuses the saved configuration; cannot change {', '.join(fixed)}")
-    return TrainConfig.from_dict({**saved, **given})
+    values = {**saved, **given}
+    compress = values.pop("compress")
+    return TrainConfig.from_dict(values), compress
+
+
+def compression(compress: str) -> list:
+    """The Trainer transform of ``--compress`` (none: no transform)."""
+    config = CompressionConfig.from_name(compress)
+    return [] if config is None else [lambda model: compress_activations(model, config)]
 
 
 def default_output(resume: Path | None) -> Path:
@@ -144,12 +159,14 @@ def fit(trainer: Trainer, resume: Path | None, output: Path):
 
 
 def run(args: argparse.Namespace) -> int:
-    config = build_config(args)
+    config, compress = build_config(args)
     output = args.output or default_output(args.resume)
     check_writable_dir(output, "--output" if args.output or args.resume is None else "--resume",
                        OUTPUT_FOLDERS, OUTPUT_FILES)
     check_training_fits(config)
-    trainer = Trainer(config, output=output, progress=not args.no_progress, overwrite=args.overwrite)
+    trainer = Trainer(config, output=output, transforms=compression(compress), progress=not args.no_progress,
+                      overwrite=args.overwrite, settings={"compress": compress},
+                      activation_meter=saved_activation_bytes)
     result = fit(trainer, args.resume, output)
     if result.rank != 0:
         return 0
@@ -163,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
         ("best val accuracy", f"{result.best_val_acc:.4f}"), ("final val accuracy", f"{result.final_val_acc:.4f}"),
         ("train time", f"{result.seconds:.1f} s"), ("time per step", f"{result.seconds_per_step * 1e3:.1f} ms"),
         ("throughput", f"{result.images_per_s:.0f} images/s"), ("peak memory", f"{result.peak_memory_mb:.0f} MB"),
-        ("saved activations", f"{result.saved_activation_mb:.1f} MiB per step ({config.compress}: "
+        ("saved activations", f"{result.saved_activation_mb:.1f} MiB per step ({compress}: "
                               f"{result.saved_activation_ratio:.3f}x exact)"),
         ("checkpoints", f"{output}/last, {output}/best"),
     ]

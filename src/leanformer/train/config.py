@@ -9,7 +9,6 @@ from .._checks import check_int, check_real, config_from_dict
 from ..engine.optim import check_optimizer_settings
 
 DEFAULT_MODEL = "swin_nano_patch2_window4_32"
-COMPRESS_CHOICES = ("none", "int8", "int4", "int2")
 
 
 @dataclass(frozen=True)
@@ -34,7 +33,6 @@ class TrainConfig:
     val_fraction: float = 0.2
     seed: int = 0
     workers: int = 0
-    compress: str = "none"
     model_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -50,8 +48,6 @@ class TrainConfig:
         check_real("val_fraction", self.val_fraction, minimum=0, maximum=1, min_open=True, max_open=True)
         check_int("seed", self.seed)
         check_int("workers", self.workers, minimum=0)
-        if self.compress not in COMPRESS_CHOICES:
-            raise ValueError(f"compress={self.compress!r}: expected one of {', '.join(COMPRESS_CHOICES)}")
         if not isinstance(self.model_kwargs, dict):
             raise ValueError(f"model_kwargs={self.model_kwargs!r}: expected a dict of constructor arguments")
 

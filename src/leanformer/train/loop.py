@@ -8,14 +8,16 @@ each process reads its shard of every global batch (`ShardedEpochSampler`). Two 
 pillars plug in without touching the job:
 
 - `transforms`: functions `model -> model` applied after the model is built and before the
-  optimizer sees its parameters (activation compression, ReLUfication, adapters);
+  optimizer sees its parameters (activation compression, which `leanformer train --compress` hands in,
+  ReLUfication, adapters);
 - `extra_losses`: functions `(step, model) -> scalar tensor` added to the task loss after every forward
   (e.g. a sparsity regulariser whose weight follows the step); `callbacks`: `leanformer.engine.Callback`s.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +33,6 @@ from ..data import load_data
 from ..engine import Callback, Checkpointing, LoopConfig, ShardedEpochSampler, fit, process_group
 from ..engine.checkpoint import resolve_resume_folder, resume_run_folder
 from ..engine.distributed import DistContext, sum_across_processes
-from ..memory import CompressionConfig, compress_activations, saved_activation_bytes
 from ..models import create_model
 from .config import TrainConfig
 
@@ -67,7 +68,15 @@ RUN_OUTPUTS = ("last", "best", "result.json")
 
 class Trainer:
     """overwrite: a fresh run may replace the run already in ``output`` (its last/, best/ and result.json are
-    deleted first); without it such a folder is refused."""
+    deleted first); without it such a folder is refused.
+
+    settings: what else defines the run besides ``config``, e.g. the compression a transform applies
+        (``{"compress": "int8"}`` from `leanformer train --compress`): recorded with ``config`` in every checkpoint
+        and in the result, and checked on resume like it.
+    activation_meter: ``f(model)`` -> a context manager whose value reports ``stored_bytes`` and ``ratio`` after
+        the block, such as `leanformer.saved_activation_bytes`: it measures what the first training step keeps
+        for backward (``TrainResult.saved_activation_mb`` / ``_ratio``; 0 and 1 without one).
+    """
 
     def __init__(
         self,
@@ -78,8 +87,11 @@ class Trainer:
         progress: bool = True,
         overwrite: bool = False,
         callbacks: Sequence[Callback] = (),
+        settings: Mapping[str, object] | None = None,
+        activation_meter: Callable[[nn.Module], AbstractContextManager] | None = None,
     ):
         self.config = config
+        self.settings, self.activation_meter = dict(settings or {}), activation_meter
         self.output = Path(output) if output is not None else None
         self.transforms, self.extra_losses, self.callbacks = list(transforms), list(extra_losses), list(callbacks)
         self.progress = progress
@@ -97,6 +109,13 @@ class Trainer:
         here = resume is not None and resume_run_folder(resume).resolve() == self.output.resolve()
         return claim_run_folder(self.output, RUN_OUTPUTS, resume=here, overwrite=self.overwrite)
 
+    def _identity(self) -> dict:
+        """The run's configuration as checkpoints and the result record it: ``config`` and ``settings``."""
+        overlap = sorted(set(self.settings) & set(self.config.to_dict()))
+        if overlap:
+            raise ValueError(f"settings {overlap} are TrainConfig fields: set them in the config")
+        return {**self.config.to_dict(), **self.settings}
+
     # -- building -----------------------------------------------------------------------------
 
     def _build(self, ctx: DistContext):
@@ -105,9 +124,6 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         model = create_model(cfg.model, in_chans=data.in_chans, num_classes=data.num_classes,
                              img_size=data.img_size, **cfg.model_kwargs)
-        compression = CompressionConfig.from_name(cfg.compress)
-        if compression is not None:
-            model = compress_activations(model, compression)
         for transform in self.transforms:
             model = transform(model)
         model.to(ctx.device)
@@ -127,7 +143,7 @@ class Trainer:
     def _fit(self, ctx: DistContext, resume: str | Path | None) -> TrainResult:
         cfg = self.config
         data, model, train_loader, val_loader, steps_per_epoch = self._build(ctx)
-        loss = _ClassificationLoss(cfg.label_smoothing, model)
+        loss = _ClassificationLoss(cfg.label_smoothing, model, self.activation_meter)
         epochs = _EpochRecord(steps_per_epoch, cfg.epochs)
 
         def batches(start: int):
@@ -142,7 +158,7 @@ class Trainer:
                     "val_acc": val_acc}
 
         last, best = (None, None) if self.output is None else (self.output / "last", self.output / "best")
-        checkpoint = Checkpointing(last, cfg.to_dict(), RESUMABLE_CHANGES, extra=epochs.meta, best_folder=best,
+        checkpoint = Checkpointing(last, self._identity(), RESUMABLE_CHANGES, extra=epochs.meta, best_folder=best,
                                    best_metric=None if best is None else "val_acc")
         loop = LoopConfig(steps=cfg.epochs * steps_per_epoch, lr=cfg.lr, min_lr=cfg.min_lr,
                           warmup_steps=min(round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch),
@@ -157,7 +173,7 @@ class Trainer:
         steps_run = done.step - done.start_step
         images = steps_run * cfg.batch_size
         result = TrainResult(
-            config=cfg.to_dict(), params=sum(p.numel() for p in model.parameters()),
+            config=self._identity(), params=sum(p.numel() for p in model.parameters()),
             epochs_run=steps_run // steps_per_epoch, steps=done.step,
             best_val_acc=max((entry["val_acc"] for entry in history), default=0.0),
             final_val_acc=history[-1]["val_acc"] if history else 0.0, seconds=done.seconds,
@@ -175,17 +191,17 @@ class Trainer:
 
 class _ClassificationLoss:
     """Cross-entropy with label smoothing; counts training accuracy between evaluations, and measures what the
-    run's first step keeps for backward (`saved_activation_bytes`)."""
+    run's first step keeps for backward with the Trainer's ``activation_meter``."""
 
-    def __init__(self, label_smoothing: float, model: nn.Module):
-        self.label_smoothing, self.model = label_smoothing, model
+    def __init__(self, label_smoothing: float, model: nn.Module, meter: Callable | None):
+        self.label_smoothing, self.model, self.meter = label_smoothing, model, meter
         self.correct = self.seen = 0.0
         self.activations = None
 
     def __call__(self, net: nn.Module, batch) -> torch.Tensor:
         images, labels = batch
-        if self.activations is None:
-            with saved_activation_bytes(self.model) as self.activations:
+        if self.meter is not None and self.activations is None:
+            with self.meter(self.model) as self.activations:
                 logits = net(images)
         else:
             logits = net(images)
