@@ -54,3 +54,16 @@ def test_an_output_holding_a_run_is_refused_unless_overwrite(tmp_path):
     assert json.loads((tmp_path / "result.json").read_text())["config"]["seed"] == 1 == result.config["seed"]
     resumed = Trainer(TrainConfig(epochs=1, seed=1, **TINY), output=tmp_path, progress=False).fit(resume=tmp_path)
     assert resumed.epochs_run == 0  # resuming into its own folder is allowed
+
+
+def test_the_trainer_keeps_the_trained_model_and_records_its_settings(tmp_path):
+    """`Trainer.model` is the model the last checkpoint holds; settings go into the checkpoint and the result, and
+    a settings key that is a config field is refused."""
+    trainer = Trainer(TrainConfig(epochs=1, **TINY), output=tmp_path, progress=False, settings={"note": "x"})
+    result = trainer.fit()
+    tensors, meta = load_checkpoint_folder(tmp_path / "last")
+    state = trainer.model.state_dict()
+    assert all(torch.equal(tensors[f"model.{k}"], v) for k, v in state.items())
+    assert meta["config"]["note"] == "x" and result.config["note"] == "x"
+    with pytest.raises(ValueError, match=r"settings \['epochs'\] are TrainConfig fields"):
+        Trainer(TrainConfig(epochs=1, **TINY), progress=False, settings={"epochs": 3})

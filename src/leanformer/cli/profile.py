@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .._io import atomic_write, check_writable_file, dumps_json
-from ..memory import CompressionConfig, compress_activations, saved_activation_bytes
+from ..memory import COMPRESSION_PRESETS, CompressionConfig, compress_activations, saved_activation_bytes
 from ..models import create_model
 from ._options import check_positive
 
@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default="swin_tiny_patch4_window7_224", help="registered model name")
     p.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
     p.add_argument("--batch-size", type=int, default=8, help="images in the batch")
-    p.add_argument("--compress", default="int8", choices=["int8", "int4", "int2", "none"],
+    p.add_argument("--compress", default="int8", choices=tuple(COMPRESSION_PRESETS),
                    help="storage of saved activations")
     p.add_argument("--depth", type=int, default=2,
                    help="aggregate module names to this many dotted levels (0: one row for the whole model)")

@@ -11,7 +11,7 @@ from .._io import check_writable_dir, dumps_json
 from .._machine import check_fits_in_memory
 from ..data import digits
 from ..engine import CheckpointWriteError, load_checkpoint_folder, resolve_resume_folder, resume_run_folder
-from ..memory import CompressionConfig, compress_activations, saved_activation_bytes
+from ..memory import COMPRESSION_PRESETS, CompressionConfig, compress_activations, saved_activation_bytes
 from ..models import is_model, model_entrypoint, weight_bytes
 from ..train import TrainConfig, Trainer
 from ._options import add_config_options, given_options
@@ -40,7 +40,6 @@ OPTIONS = {
     "--seed": ("seed", int, "seed for model init, data split and order: equal seeds give equal runs on CPU"),
     "--workers": ("workers", int, "DataLoader worker processes"),
 }
-COMPRESS_CHOICES = ("none", "int8", "int4", "int2")
 
 
 def add_parser(sub) -> None:
@@ -52,7 +51,7 @@ def add_parser(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_config_options(p, OPTIONS, DEFAULTS)
-    p.add_argument("--compress", choices=COMPRESS_CHOICES, default=None,
+    p.add_argument("--compress", choices=tuple(COMPRESSION_PRESETS), default=None,
                    help="store activations saved for backward in 8/4/2 bits (Mesa) or exactly (default: none)")
     p.add_argument("--model-arg", dest="model_args", action="append", default=None, metavar="KEY=VALUE",
                    help="override a model constructor argument, VALUE as JSON (repeatable), "

@@ -1,6 +1,7 @@
 """Activation memory: compressed saved activations (Mesa) and saved-tensor accounting."""
 
 from .compress import (
+    COMPRESSION_PRESETS,
     OP_KINDS,
     CompressionConfig,
     compress_activations,
@@ -11,6 +12,7 @@ from .compress import (
 from .measure import SavedActivationReport, saved_activation_bytes
 
 __all__ = [
+    "COMPRESSION_PRESETS",
     "OP_KINDS",
     "CompressionConfig",
     "SavedActivationReport",

@@ -55,6 +55,10 @@ _MODULE_KINDS = (
 _RELU_FUNCTIONS = {"relu", "relu_", "threshold"}
 
 
+# the named settings of the command line (`leanformer train --compress`, `leanformer profile --compress`): bits
+COMPRESSION_PRESETS = {"none": None, "int8": 8, "int4": 4, "int2": 2}
+
+
 @dataclass(frozen=True)
 class CompressionConfig:
     """How activations saved for backward are stored.
@@ -110,13 +114,11 @@ class CompressionConfig:
 
     @classmethod
     def from_name(cls, name: str) -> CompressionConfig | None:
-        """'int8' | 'int4' | 'int2' -> a config with defaults otherwise; 'none' -> None (the CLI's values)."""
-        presets = {"int8": 8, "int4": 4, "int2": 2}
-        if name == "none":
-            return None
-        if name not in presets:
-            raise ValueError(f"compression {name!r}: expected one of int8, int4, int2, none")
-        return cls(bits=presets[name])
+        """One of `COMPRESSION_PRESETS` -> a config with those bits and defaults otherwise; 'none' -> None."""
+        if name not in COMPRESSION_PRESETS:
+            raise ValueError(f"compression {name!r}: expected one of {', '.join(COMPRESSION_PRESETS)}")
+        bits = COMPRESSION_PRESETS[name]
+        return None if bits is None else cls(bits=bits)
 
 
 class _CurrentFunction(TorchFunctionMode):

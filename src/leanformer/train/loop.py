@@ -92,11 +92,15 @@ class Trainer:
     ):
         self.config = config
         self.settings, self.activation_meter = dict(settings or {}), activation_meter
+        overlap = sorted(set(self.settings) & set(config.to_dict()))
+        if overlap:
+            raise ValueError(f"settings {overlap} are TrainConfig fields: set them in the config")
         self.output = Path(output) if output is not None else None
         self.transforms, self.extra_losses, self.callbacks = list(transforms), list(extra_losses), list(callbacks)
         self.progress = progress
         self.overwrite = overwrite
         self.activations = None  # saved-activation accounting of the run's first training step
+        self.model: nn.Module | None = None  # the trained model, after fit
 
     def fit(self, resume: str | Path | None = None) -> TrainResult:
         with process_group() as ctx, self._claim_output(ctx, resume):
@@ -111,9 +115,6 @@ class Trainer:
 
     def _identity(self) -> dict:
         """The run's configuration as checkpoints and the result record it: ``config`` and ``settings``."""
-        overlap = sorted(set(self.settings) & set(self.config.to_dict()))
-        if overlap:
-            raise ValueError(f"settings {overlap} are TrainConfig fields: set them in the config")
         return {**self.config.to_dict(), **self.settings}
 
     # -- building -----------------------------------------------------------------------------
@@ -168,7 +169,7 @@ class Trainer:
                    callbacks=[epochs, *self.callbacks], checkpoint=checkpoint,
                    resume=False if resume is None else resolve_resume_folder(resume),
                    shard_batches=False, progress=self.progress)
-        self.activations = loss.activations
+        self.activations, self.model = loss.activations, model
         history = done.history
         steps_run = done.step - done.start_step
         images = steps_run * cfg.batch_size
