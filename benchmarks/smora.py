@@ -25,7 +25,9 @@ from pathlib import Path
 import torch
 
 from leanformer._io import write_json_atomic
-from leanformer.adapters.multitask import FinetuneConfig, MultiTaskClassifier, add_adapters, finetune, task_loss
+from leanformer.adapters import FinetuneConfig, MultiTaskClassifier, finetune
+from leanformer.adapters.classifier import add_adapters
+from leanformer.adapters.multitask import task_loss
 from leanformer.data.tasks import TaskData, load_task
 from leanformer.engine import train_step
 from leanformer.engine.optim import build_optimizer

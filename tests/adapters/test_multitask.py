@@ -12,16 +12,10 @@ from safetensors.torch import load_file
 
 from leanformer.adapters import model as adapters_model
 from leanformer.adapters import multitask, smora_layers
-from leanformer.adapters.multitask import (
-    FinetuneConfig,
-    MultiTaskClassifier,
-    activated_adapter_params,
-    add_adapters,
-    finetune,
-    load_finetuned,
-    mean_pool,
-    task_batches,
-)
+from leanformer.adapters.classifier import MultiTaskClassifier, activated_adapter_params, add_adapters, mean_pool
+from leanformer.adapters.finetune_config import FinetuneConfig
+from leanformer.adapters.multitask import finetune, load_finetuned
+from leanformer.adapters.task_batches import task_batches
 from leanformer.data import load_tokenizer
 from leanformer.data.tasks import load_task
 from leanformer.engine import loop as engine_loop

@@ -80,7 +80,7 @@ def test_config_refuses_non_finite_and_non_numbers(kwargs, message):
 
 
 def test_one_number_check_for_every_run_config():
-    from leanformer.adapters.multitask import FinetuneConfig
+    from leanformer.adapters import FinetuneConfig
     from leanformer.sparsity.prosparse_training import ProSparseConfig
 
     for config in (TrainConfig, ProSparseConfig, FinetuneConfig):

@@ -10,11 +10,13 @@
 runs: SMoRA or PEFT's LoRA on a frozen encoder, on the training engine.
 """
 
+from .classifier import MultiTaskClassifier, check_task_name
 from .config import SMoRAConfig
+from .finetune_config import FinetuneConfig
 from .layer import SMoRALinear
 from .model import add_smora, disable_adapters, remove_smora, routing_report, smora_layers
 from .multitask import RUN_OUTPUTS as FINETUNE_OUTPUTS
-from .multitask import FinetuneConfig, FinetuneResult, MultiTaskClassifier, check_task_name, finetune, load_finetuned
+from .multitask import FinetuneResult, finetune, load_finetuned
 from .peft import adapter_state_dict, load_adapter, read_adapter_config, save_adapter
 
 __all__ = [

@@ -16,17 +16,18 @@ conditions, so two runs that differ only in ``config.adapter`` compare like for 
 Test accuracy per task is measured every ``eval_every`` steps and at the end; with an output folder the run is
 checkpointed then (adapter, heads, optimizer and RNG only: the frozen encoder is read again from ``base_dir``),
 can be resumed exactly, and ends with the adapter in PEFT's layout plus ``metrics.json`` and ``labels.json``.
+
+This module is the job on the training engine; its parts live beside it: `finetune_config` (the run's
+configuration), `classifier` (the model and its adapters), `task_batches` (labels, tokenisation, batches).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import json
-import re
 import statistics
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,249 +35,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._checks import config_from_dict, is_int
 from .._io import write_files_atomic, write_json_atomic
-from .._loading import hf_from_pretrained
 from .._runfolder import claim_run_folder
-from ..data.tasks import TaskData, encode_labels, label_vocab
 from ..data.text import load_tokenizer
 from ..engine import Callback, Checkpointing, LoopConfig, check_resume, fit, process_group
-from ..engine.optim import check_optimizer_settings
-from .config import SMoRAConfig
-from .model import add_smora, routing_report, smora_layers, target_names
+from .classifier import MultiTaskClassifier, activated_adapter_params, add_adapters
+from .finetune_config import FinetuneConfig
+from .model import routing_report, smora_layers
 from .peft import load_adapter, save_adapter
+from .task_batches import EncodedTask, Tasks, encode_task, task_batches, task_labels
 
-__all__ = ["ADAPTERS", "TASK_SAMPLING", "FinetuneConfig", "FinetuneResult", "MultiTaskClassifier",
-           "activated_adapter_params", "add_adapters", "check_task_name", "finetune", "load_finetuned", "mean_pool",
-           "task_batches", "task_loss"]
-
-ADAPTERS = ("smora", "lora")
-TASK_SAMPLING = ("proportional", "uniform")
-WARMUP_FRACTION = 0.1  # default warmup: the SMoRA paper's warmup ratio
-_TASK_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
-
-Tasks = Mapping[str, tuple[TaskData, TaskData]]
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """A multi-task fine-tuning run. Saved with every checkpoint, so a resumed run is checked to be the same run.
-
-    adapter: "smora" or "lora" (PEFT's). r, lora_alpha, lora_dropout: both adapters; active_r, rank_partition,
-        bias_update_rate, gate_scores, compute: SMoRA only (see `SMoRAConfig`, which validates them; a LoRA run
-        records but does not use them).
-    target_modules: the Linears to adapt, for both adapters: "all-linear", a regex matching a full module name,
-        or a tuple of names (each a full name or its last components).
-    steps, batch_size: optimiser steps, each on one task's batch of batch_size examples. max_length: tokens per
-        example (longer ones are truncated; batches are padded to their longest example).
-    lr, min_lr, warmup_steps, weight_decay, clip_grad: AdamW, linear warmup (None: a tenth of steps) then cosine
-        decay to min_lr; norms of the trainable gradients clipped to clip_grad (None: no clipping).
-    eval_every: measure test accuracy (and checkpoint) every this many steps, and after the last one.
-    task_sampling: "proportional" (a task's share of steps is its share of the training examples) or "uniform".
-    seed: the heads' and adapters' initialisation, dropout, and the batches.
-    """
-
-    adapter: str = "smora"
-    r: int = 64
-    active_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    rank_partition: int = 1
-    bias_update_rate: float = 1e-3
-    gate_scores: str = "unbiased"
-    compute: str = "auto"
-    target_modules: str | tuple[str, ...] = "all-linear"
-    steps: int = 1000
-    batch_size: int = 32
-    max_length: int = 64
-    lr: float = 1e-3
-    min_lr: float = 0.0
-    warmup_steps: int | None = None
-    weight_decay: float = 0.0
-    clip_grad: float | None = 1.0
-    eval_every: int = 200
-    task_sampling: str = "proportional"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.adapter not in ADAPTERS:
-            raise ValueError(f"adapter={self.adapter!r}: expected one of {', '.join(ADAPTERS)}")
-        if self.task_sampling not in TASK_SAMPLING:
-            raise ValueError(f"task_sampling={self.task_sampling!r}: expected one of {', '.join(TASK_SAMPLING)}")
-        for name in ("steps", "batch_size", "max_length", "eval_every"):
-            value = getattr(self, name)
-            if not is_int(value) or value < 1:
-                raise ValueError(f"{name}={value!r}: expected a positive integer")
-        if self.warmup_steps is not None and (not is_int(self.warmup_steps)
-                                              or not 0 <= self.warmup_steps <= self.steps):
-            raise ValueError(f"warmup_steps={self.warmup_steps!r}: expected an integer in [0, steps={self.steps}] or "
-                             f"None (a tenth of steps)")
-        if not is_int(self.seed):
-            raise ValueError(f"seed={self.seed!r}: expected an integer")
-        check_optimizer_settings(self.lr, self.min_lr, self.weight_decay, self.clip_grad)
-        # the adapter fields are SMoRAConfig's: it validates them, and its normalised target_modules is kept
-        object.__setattr__(self, "target_modules", self.smora_config().target_modules)
-
-    def smora_config(self, modules_to_save: tuple[str, ...] = ()) -> SMoRAConfig:
-        """The `SMoRAConfig` of this run (for "lora" too: its target_modules selects the Linears both adapt)."""
-        return SMoRAConfig(r=self.r, active_r=self.active_r, lora_alpha=self.lora_alpha,
-                           lora_dropout=self.lora_dropout, target_modules=self.target_modules,
-                           rank_partition=self.rank_partition, bias_update_rate=self.bias_update_rate,
-                           gate_scores=self.gate_scores, compute=self.compute, modules_to_save=modules_to_save)
-
-    @property
-    def warmup(self) -> int:
-        """Warmup steps in effect: ``warmup_steps``, or a tenth of ``steps``."""
-        return round(WARMUP_FRACTION * self.steps) if self.warmup_steps is None else self.warmup_steps
-
-    def to_dict(self) -> dict:
-        """JSON-able fields (target_modules as a list, as JSON gives it back)."""
-        values = dataclasses.asdict(self)
-        if isinstance(self.target_modules, tuple):
-            values["target_modules"] = list(self.target_modules)
-        return values
-
-    @classmethod
-    def from_dict(cls, values: dict) -> FinetuneConfig:
-        return config_from_dict(cls, values, "finetune")
-
-
-def check_task_name(name: str) -> str:
-    """A task name is a head's key in `MultiTaskClassifier.heads` and a module name in adapter files."""
-    if not isinstance(name, str) or not _TASK_NAME.fullmatch(name) or hasattr(nn.ModuleDict(), name):
-        raise ValueError(f"task name {name!r}: expected letters, digits, '_' or '-', starting with a letter "
-                         "(and not an nn.ModuleDict attribute such as 'keys')")
-    return name
-
-
-def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean of the hidden states of real tokens (B, L, H) -> (B, H), padding left out: sentence-transformers'
-    pooling, the one all-MiniLM-L6-v2 was trained with."""
-    weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
-
-
-class MultiTaskClassifier(nn.Module):
-    """A text encoder, mean pooling over real tokens, and one Linear head per task on the pooled vector.
-
-    The heads are ``heads.<task>`` in a ModuleDict: PEFT's ModulesToSaveWrapper refuses a ModuleDict, so
-    `head_names` lists each head Linear for ``modules_to_save`` (which works for PEFT and for `add_smora`).
-    """
-
-    def __init__(self, backbone: nn.Module, num_labels: Mapping[str, int], hidden_size: int):
-        super().__init__()
-        if not num_labels:
-            raise ValueError("num_labels is empty: expected at least one task")
-        self.backbone = backbone
-        self.heads = nn.ModuleDict({check_task_name(task): nn.Linear(hidden_size, n) for task, n in num_labels.items()})
-
-    @classmethod
-    def from_pretrained(cls, base_dir: str | Path, num_labels: Mapping[str, int]) -> MultiTaskClassifier:
-        """The encoder of a local Hugging Face folder (nothing is downloaded) with fresh heads."""
-        from transformers import AutoModel  # imported here: transformers is slow to import
-
-        backbone = hf_from_pretrained(AutoModel, base_dir)  # a damaged or hostile file: one line naming it
-        if getattr(backbone, "pooler", None) is not None and _accepts(type(backbone), "add_pooling_layer"):
-            # mean pooling does not use BERT's pooler; without it no adapter is put on a Linear that never trains
-            # (None is what the class itself sets for add_pooling_layer=False)
-            backbone.pooler = None
-        return cls(backbone, num_labels, backbone.config.hidden_size)
-
-    @property
-    def head_names(self) -> tuple[str, ...]:
-        return tuple(f"heads.{task}" for task in self.heads)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, labels of ``task``)."""
-        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
-        return self.heads[task](mean_pool(hidden, attention_mask))
-
-
-def _accepts(cls: type, argument: str) -> bool:
-    return argument in inspect.signature(cls.__init__).parameters
-
-
-def add_adapters(classifier: MultiTaskClassifier, config: FinetuneConfig) -> tuple[nn.Module, dict]:
-    """(model to train, {adapted Linear: (in_features, out_features)}): the classifier with SMoRA added in place,
-    or wrapped by PEFT's LoRA on the same Linears; only the adapters and the heads train."""
-    smora = config.smora_config(classifier.head_names)
-    names = target_names(classifier, smora)
-    if not names:
-        raise ValueError(f"target_modules={config.target_modules!r} matches no nn.Linear of the encoder")
-    shapes = {n: (classifier.get_submodule(n).in_features, classifier.get_submodule(n).out_features) for n in names}
-    if config.adapter == "smora":
-        return add_smora(classifier, smora), shapes
-    import peft  # imported here: optional, and slow to import
-
-    lora = peft.LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                           target_modules=names, modules_to_save=list(classifier.head_names))
-    return peft.get_peft_model(classifier, lora), shapes
-
-
-def activated_adapter_params(shapes: Mapping[str, tuple[int, int]], config: FinetuneConfig) -> int:
-    """Adapter parameters one token uses: LoRA r * (in + out) per Linear; SMoRA active_r * (in + out) for the
-    ranks it routes to, plus its router, in * experts."""
-    if config.adapter == "lora":
-        return sum(config.r * (i + o) for i, o in shapes.values())
-    experts = config.smora_config().experts
-    return sum(config.active_r * (i + o) + i * experts for i, o in shapes.values())
-
-
-def task_batches(sizes: Mapping[str, int], batch_size: int, seed: int,
-                 sampling: str = "proportional") -> Iterator[tuple[str, torch.Tensor]]:
-    """Endless (task, example indices) batches: the task drawn by ``sampling``, each task's examples visited in
-    shuffled epochs (a batch never straddles two; a task smaller than batch_size gives all it has).
-
-    Everything comes from one generator seeded by ``seed``: the same sizes and seed give the same batches,
-    whatever model trains on them, and a resumed run can skip the batches already used.
-    """
-    if sampling not in TASK_SAMPLING:
-        raise ValueError(f"sampling={sampling!r}: expected one of {', '.join(TASK_SAMPLING)}")
-    if not sizes or any(n < 1 for n in sizes.values()):
-        raise ValueError(f"sizes={dict(sizes)}: expected at least one task, each with examples")
-    return _batches(dict(sizes), batch_size, torch.Generator().manual_seed(seed), sampling)
-
-
-def _batches(sizes: dict[str, int], batch_size: int, gen: torch.Generator,
-             sampling: str) -> Iterator[tuple[str, torch.Tensor]]:
-    names = list(sizes)
-    weights = torch.tensor([float(sizes[n]) if sampling == "proportional" else 1.0 for n in names],
-                           dtype=torch.float64)
-    order = {n: torch.zeros(0, dtype=torch.long) for n in names}
-    cursor = dict.fromkeys(names, 0)
-    while True:
-        task = names[int(torch.multinomial(weights, 1, generator=gen))]
-        take = min(batch_size, sizes[task])
-        if cursor[task] + take > len(order[task]):
-            order[task], cursor[task] = torch.randperm(sizes[task], generator=gen), 0
-        yield task, order[task][cursor[task]:cursor[task] + take]
-        cursor[task] += take
-
-
-@dataclass(frozen=True)
-class _Encoded:
-    """One task split tokenised once, padded to max_length; batches are cut to their longest example."""
-
-    inputs: dict[str, torch.Tensor]
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def batch(self, index: torch.Tensor, device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        mask = self.inputs["attention_mask"][index]
-        keep = mask.any(0)  # columns some example of the batch uses (padding on either side)
-        inputs = {k: v[index][:, keep].to(device) for k, v in self.inputs.items()}
-        return inputs, self.labels[index].to(device)
-
-
-def _encode(tokenizer, data: TaskData, labels: torch.Tensor, max_length: int) -> _Encoded:
-    encoded = tokenizer(data.texts, data.pairs, truncation=True, max_length=max_length, padding="max_length",
-                        return_tensors="pt")
-    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded]
-    return _Encoded({k: encoded[k] for k in keys}, labels)
+__all__ = ["FinetuneResult", "RUN_OUTPUTS", "finetune", "load_finetuned", "task_loss"]
 
 
 @dataclass
@@ -327,7 +96,7 @@ def _routing_summary(report: dict[str, dict]) -> dict:
             "layers": len(report), "tokens": max((layer["tokens"] for layer in report.values()), default=0)}
 
 
-def _evaluate(model: nn.Module, tests: Mapping[str, _Encoded], batch_size: int, device: torch.device,
+def _evaluate(model: nn.Module, tests: Mapping[str, EncodedTask], batch_size: int, device: torch.device,
               routing: bool) -> dict:
     """Test accuracy per task and on average; with ``routing`` (SMoRA) the routing of the training steps since the
     last evaluation and of the test sets, counters reset after each."""
@@ -340,7 +109,7 @@ def _evaluate(model: nn.Module, tests: Mapping[str, _Encoded], batch_size: int, 
 
 
 @torch.no_grad()
-def _accuracy(model: nn.Module, tests: Mapping[str, _Encoded], batch_size: int, device: torch.device) -> dict:
+def _accuracy(model: nn.Module, tests: Mapping[str, EncodedTask], batch_size: int, device: torch.device) -> dict:
     model.eval()
     accuracy = {}
     for task, data in tests.items():
@@ -353,24 +122,7 @@ def _accuracy(model: nn.Module, tests: Mapping[str, _Encoded], batch_size: int, 
     return accuracy
 
 
-def _task_labels(tasks: Tasks) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, dict]]:
-    """(train and test label ids, description) per task; bad names, single-class tasks and test labels unseen in
-    training are refused here, before anything is loaded."""
-    if not tasks:
-        raise ValueError("tasks is empty: expected at least one (train, test) pair")
-    labels, summary = {}, {}
-    for name, (train, test) in tasks.items():
-        check_task_name(name)
-        vocab = label_vocab(train)
-        if len(vocab) < 2:
-            raise ValueError(f"{train.path}: task {name!r} has one label ({vocab[0]!r}); expected at least 2")
-        labels[name] = (encode_labels(train, vocab), encode_labels(test, vocab))
-        summary[name] = {"train": train.path, "train_examples": len(train), "test": test.path,
-                         "test_examples": len(test), "labels": vocab}
-    return labels, summary
 
-
-# what a run leaves in its output folder: a new run refuses a folder holding any of them (unless overwrite)
 RUN_OUTPUTS = ("checkpoint", "adapter", "metrics.json", "labels.json")
 
 
@@ -391,7 +143,7 @@ def finetune(base_dir: str | Path, tasks: Tasks, config: FinetuneConfig, out_dir
         writing it is refused), and a non-finite training loss stops the run there (`NonFiniteLossError`), the
         last checkpoint kept as it was.
     """
-    labels, summary = _task_labels(tasks)
+    labels, summary = task_labels(tasks)
     out_dir = None if out_dir is None else Path(out_dir)
     checkpoint_dir = None if out_dir is None else out_dir / "checkpoint"
     check_resume(checkpoint_dir, resume, "out_dir")
@@ -411,8 +163,8 @@ def _finetune(base_dir: str | Path, tasks: Tasks, config: FinetuneConfig, out_di
     if tokenizer is None or tokenizer.pad_token is None:
         raise ValueError(f"{base_dir}: expected a Hugging Face encoder folder with a tokenizer that pads "
                          "(tokenizer.json or tokenizer_config.json, and a pad token)")
-    train_sets = {n: _encode(tokenizer, tasks[n][0], labels[n][0], config.max_length) for n in tasks}
-    test_sets = {n: _encode(tokenizer, tasks[n][1], labels[n][1], config.max_length) for n in tasks}
+    train_sets = {n: encode_task(tokenizer, tasks[n][0], labels[n][0], config.max_length) for n in tasks}
+    test_sets = {n: encode_task(tokenizer, tasks[n][1], labels[n][1], config.max_length) for n in tasks}
 
     torch.manual_seed(config.seed)
     classifier = MultiTaskClassifier.from_pretrained(base_dir, {n: len(s["labels"]) for n, s in summary.items()})
