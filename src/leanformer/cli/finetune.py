@@ -75,7 +75,9 @@ DESCRIPTION = (
     "batches in the same order for a given --seed. Each step trains one task's batch, the task drawn in "
     "proportion to its training-set size. Test accuracy per task is measured every --eval-every steps; --out gets "
     "adapter/ (PEFT's adapter_config.json + adapter_model.safetensors), metrics.json, labels.json and "
-    "checkpoint/ (for --resume)."
+    "checkpoint/ (for --resume). Multi-process: torchrun --nproc_per_node N -m leanformer finetune ... (each "
+    "process trains on its slice of every --batch-size batch; the first writes --out; spell the rank --rank, "
+    "since torchrun's own parser refuses --r)."
 )
 
 EPILOG = f"""\

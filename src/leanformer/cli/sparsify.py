@@ -57,7 +57,9 @@ DESCRIPTION = (
     "(3) ReLU becomes FATReLU, which also zeroes activations below --threshold. --model is a Hugging Face causal "
     "LM folder (save_pretrained layout; --data a UTF-8 text file, bytes as tokens unless the folder has a "
     "tokenizer) or a registered backbone (--data as for `leanformer train`). The model is written to --out in the "
-    "format it was read, with sparsity.json and sparsity.png; checkpoints in --out/checkpoint allow --resume."
+    "format it was read, with sparsity.json and sparsity.png; checkpoints in --out/checkpoint allow --resume. "
+    "Multi-process: torchrun --nproc_per_node N -m leanformer sparsify ... (each process trains on its slice of "
+    "every --batch-size batch; the first writes --out)."
 )
 
 
