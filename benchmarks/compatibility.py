@@ -226,7 +226,8 @@ def check_sparse(family: Family) -> str:
     inputs, _ = batch_for(family)
     with torch.no_grad():
         dense = _output(_call(model, inputs))
-        leanformer.sparsify_for_inference(model, "exact", max_active=1.0)  # the sparse path, never the dense one
+        # the sparse path, never the dense one
+        leanformer.sparsify_for_inference(model, leanformer.SparseInferenceConfig(max_active=1.0))
         sparse = _output(_call(model, inputs))
     torch.testing.assert_close(sparse, dense, rtol=1e-4, atol=1e-5)
     return "exact sparse = dense"

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from leanformer import TrainConfig, Trainer, apply_topk, find_ffns, load_data, measure_sparsity, relufy
+from leanformer import TopKConfig, TrainConfig, Trainer, apply_topk, find_ffns, load_data, measure_sparsity, relufy
 from leanformer._io import write_json_atomic
 from leanformer.engine import Callback
 
@@ -56,7 +56,7 @@ def transforms_for(variant: str) -> list:
     if variant == "relu":
         return [relufy]
     k = int(variant.removeprefix("relu+top"))
-    return [relufy, lambda model: apply_topk(model, k)]
+    return [relufy, lambda model: apply_topk(model, TopKConfig(k))]
 
 
 class EpochSparsity(Callback):

@@ -34,7 +34,7 @@ import torch
 from leanformer._io import write_json_atomic
 from leanformer.data.text import lm_batches, lm_eval_batches, load_text
 from leanformer.engine.optim import build_optimizer, lr_at, set_lr
-from leanformer.sparsity import measure_sparsity, relufy
+from leanformer.sparsity import ReLUConfig, measure_sparsity, relufy
 from leanformer.sparsity.prosparse_training import ProSparseConfig, causal_lm_loss, prosparse
 from leanformer.sparsity.regularize import PROSPARSE_7B, ProSparseSchedule
 
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
             if name == "prosparse" and seed == args.seeds[0]:
                 sweep = []
                 for threshold in THRESHOLDS:
-                    relufy(candidate, "fatrelu", threshold)
+                    relufy(candidate, ReLUConfig("fatrelu", threshold))
                     sweep.append({"threshold": threshold, **evaluate(candidate, full_batches)})
                     print(f"  FATReLU t={threshold:<6g} sparsity {100 * sweep[-1]['sparsity']:.2f}%  "
                           f"perplexity {sweep[-1]['perplexity']:.4f}", flush=True)

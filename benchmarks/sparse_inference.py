@@ -32,7 +32,13 @@ import torch.nn.functional as F
 from leanformer._io import write_json_atomic
 from leanformer._timing import time_interleaved
 from leanformer.data.text import lm_batches, lm_eval_batches, load_text
-from leanformer.sparsity import find_ffns, inference_report, measure_sparsity, sparsify_for_inference
+from leanformer.sparsity import (
+    SparseInferenceConfig,
+    find_ffns,
+    inference_report,
+    measure_sparsity,
+    sparsify_for_inference,
+)
 from leanformer.sparsity.inference import calibrate_max_active
 from leanformer.sparsity.predictor import PredictorConfig, evaluate_predictors, train_predictors
 from leanformer.sparsity.prosparse_training import ProSparseConfig, prosparse
@@ -170,8 +176,8 @@ def end_to_end(args) -> dict:
           f"{losses['predictor']:.4f}; logits relative error {effect['logits_relative_error']:.4f}", flush=True)
 
     models = {"dense": model,
-              "exact": sparsify_for_inference(copy.deepcopy(model), "exact"),
-              "predictor": sparsify_for_inference(copy.deepcopy(model), "predictor", predictors)}
+              "exact": sparsify_for_inference(copy.deepcopy(model), SparseInferenceConfig()),
+              "predictor": sparsify_for_inference(copy.deepcopy(model), SparseInferenceConfig("predictor"), predictors)}
     prompt = split.val[: args.prompt_tokens].unsqueeze(0)
     outputs = {}
 

@@ -12,7 +12,10 @@ from tests.sparsity.test_activations import FAMILIES
 
 from leanformer import (
     CompressionConfig,
+    ReLUConfig,
     SMoRAConfig,
+    SparseInferenceConfig,
+    TopKConfig,
     add_smora,
     apply_topk,
     compress_activations,
@@ -65,10 +68,10 @@ def family(request):
 
 # transform -> (prepare: what the transform needs first, apply, undo, the undo's error when there is nothing to undo)
 TRANSFORMS = {
-    "relufy+apply_topk": (None, lambda m: apply_topk(relufy(m, "fatrelu", 0.01), 4), restore_activations,
-                          "no activation to restore"),
-    "sparsify_for_inference": (relufy, lambda m: sparsify_for_inference(m, max_active=1.0), desparsify,
-                               "no sparse-inference modules"),
+    "relufy+apply_topk": (None, lambda m: apply_topk(relufy(m, ReLUConfig("fatrelu", 0.01)), TopKConfig(4)),
+                          restore_activations, "no activation to restore"),
+    "sparsify_for_inference": (relufy, lambda m: sparsify_for_inference(m, SparseInferenceConfig(max_active=1.0)),
+                               desparsify, "no sparse-inference modules"),
     "add_smora": (None, lambda m: add_smora(m, SMoRAConfig(r=8, active_r=2, target_modules="all-linear",
                                                              compute="gather")), remove_smora, "no SMoRA adapters"),
     "compress_activations": (None, lambda m: compress_activations(m, CompressionConfig(bits=4)),
@@ -99,7 +102,7 @@ def test_desparsify_of_a_copy_leaves_the_original_working():
     relufy(model.eval())
     before = snapshot(model, inputs)
     predictors = {ffn.name: LowRankPredictor(32, 64, 4) for ffn in find_ffns(model)}
-    sparsify_for_inference(model, "predictor", predictors, max_active=1.0)
+    sparsify_for_inference(model, SparseInferenceConfig("predictor", max_active=1.0), predictors)
     expected = run(model, inputs)
     twin = desparsify(copy.deepcopy(model))
     assert not inference_report(twin)

@@ -13,7 +13,7 @@ import torch
 from leanformer._hf import hf_progress_bars, load_causal_lm
 from leanformer.cli.main import main
 from leanformer.data import decode_tokens, encode_text
-from leanformer.sparsity import relufy
+from leanformer.sparsity import ReLUConfig, relufy
 
 pytest.importorskip("transformers")
 
@@ -39,7 +39,7 @@ def reference_ids(folder: Path, threshold: float = 0.0) -> list[int]:
     with hf_progress_bars(False):
         model = load_causal_lm(folder).eval()
     if threshold:
-        relufy(model, "fatrelu", threshold)
+        relufy(model, ReLUConfig("fatrelu", threshold))
     ids = encode_text(PROMPT)[None]
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False)
     return out[0, ids.shape[1]:].tolist()

@@ -10,7 +10,7 @@ import pytest
 from leanformer._hf import hf_progress_bars, load_causal_lm
 from leanformer.cli.main import main
 from leanformer.data import lm_eval_batches, load_text
-from leanformer.sparsity import Predictors, evaluate_predictors, relufy
+from leanformer.sparsity import Predictors, ReLUConfig, evaluate_predictors, relufy
 
 pytest.importorskip("transformers")
 
@@ -36,7 +36,7 @@ def test_end_to_end_writes_predictors_that_load_and_fit(fatrelu_dir, lm_text, tm
     predictors = Predictors.load(out)
     assert predictors.names() == ["model.layers.0.mlp", "model.layers.1.mlp"]
     with hf_progress_bars(False):
-        model = relufy(load_causal_lm(fatrelu_dir).eval(), "fatrelu", 0.05)
+        model = relufy(load_causal_lm(fatrelu_dir).eval(), ReLUConfig("fatrelu", 0.05))
     predictors.check_fits(model)
     held_out = lm_eval_batches(load_text(lm_text, 0.2, SEQ_LEN).val, BATCH, SEQ_LEN)[:BATCHES]
     report = evaluate_predictors(model, predictors, [inputs for inputs, _ in held_out])

@@ -64,7 +64,7 @@ def test_llama_end_to_end(llama_dir, text_file, tmp_path, capsys):
     assert summary["initial_sparsity"] < 0.01 < summary["final_sparsity"]
     saved = json.loads((out / "sparsity.json").read_text())
     assert [entry["step"] for entry in saved["history"]] == [6, 12]
-    assert len(saved["report"]["layers"]) == 2 and "relufy(model, 'fatrelu', 0.01)" in saved["activation"]
+    assert len(saved["report"]["layers"]) == 2 and "relufy(model, ReLUConfig('fatrelu', 0.01))" in saved["activation"]
     assert (out / "sparsity.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "checkpoint" / "meta.json").is_file()
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from leanformer import create_model
-from leanformer.sparsity.activations import FATReLU, TopK, apply_topk, relufy
+from leanformer.sparsity.activations import FATReLU, ReLUConfig, TopK, TopKConfig, apply_topk, relufy
 from leanformer.sparsity.ffn import find_ffns
 from leanformer.sparsity.measure import measure_sparsity
 
@@ -155,7 +155,7 @@ def test_relufy_gated_ffn_replaces_the_gate_activation():
 def test_relufy_fatrelu_sets_threshold_and_is_at_least_as_sparse_as_relu():
     model, x = our_swin()
     relu = measure_sparsity(relufy(model), [x])
-    relufy(model, "fatrelu", threshold=0.05)
+    relufy(model, ReLUConfig("fatrelu", 0.05))
     acts = [ffn.act for ffn in find_ffns(model)]
     assert all(isinstance(act, FATReLU) and act.threshold == 0.05 for act in acts)
     fat = measure_sparsity(model, [x])
@@ -164,15 +164,25 @@ def test_relufy_fatrelu_sets_threshold_and_is_at_least_as_sparse_as_relu():
     assert fat.average_sparsity > relu.average_sparsity
 
 
-def test_relufy_rejects_bad_arguments_without_touching_the_model():
+def test_bad_configs_are_refused_naming_the_field_before_any_model_is_touched():
+    with pytest.raises(ValueError, match=r"activation='gelu': expected one of relu, fatrelu"):
+        ReLUConfig("gelu")
+    with pytest.raises(ValueError, match="threshold=0.01 applies only to activation='fatrelu'"):
+        ReLUConfig("relu", 0.01)
+    with pytest.raises(ValueError, match=r"threshold=-0.1: expected a finite number >= 0"):
+        ReLUConfig("fatrelu", -0.1)
+    with pytest.raises(ValueError, match="threshold=nan"):
+        ReLUConfig("fatrelu", math.nan)
+    with pytest.raises(ValueError, match="k=0"):
+        TopKConfig(0)
+    with pytest.raises(ValueError, match="specs: expected FFNSpec entries"):
+        ReLUConfig(specs=["mlp"])
     model, _ = our_swin()
     before = [type(ffn.act) for ffn in find_ffns(model)]
-    with pytest.raises(ValueError, match=r"activation must be one of \('relu', 'fatrelu'\), got 'gelu'"):
-        relufy(model, "gelu")
-    with pytest.raises(ValueError, match="threshold=0.01 applies only to activation='fatrelu'"):
-        relufy(model, "relu", threshold=0.01)
-    with pytest.raises(ValueError, match="threshold must be a finite number >= 0"):
-        relufy(model, "fatrelu", threshold=-0.1)
+    with pytest.raises(ValueError, match="expected a ReLUConfig, got 'fatrelu'"):
+        relufy(model, "fatrelu")  # the loose-argument form of earlier versions
+    with pytest.raises(ValueError, match="expected a TopKConfig, got 8"):
+        apply_topk(model, 8)
     assert [type(ffn.act) for ffn in find_ffns(model)] == before
 
 
@@ -185,7 +195,7 @@ def test_relufy_unsupported_model_names_its_class():
     with pytest.raises(ValueError, match="no FFN found in Tiny"):
         relufy(Tiny())
     with pytest.raises(ValueError, match="no FFN found in Tiny"):
-        apply_topk(Tiny(), 2)
+        apply_topk(Tiny(), TopKConfig(2))
 
 
 # --- apply_topk ----------------------------------------------------------------------------------------------------
@@ -194,32 +204,32 @@ def test_relufy_unsupported_model_names_its_class():
 def test_apply_topk_wraps_the_activation_and_leaves_k_nonzeros_per_token():
     model, x = our_swin()
     acts = [ffn.act for ffn in find_ffns(model)]
-    assert apply_topk(model, 8) is model
+    assert apply_topk(model, TopKConfig(8)) is model
     for ffn, act in zip(find_ffns(model), acts, strict=True):
         assert isinstance(ffn.act, nn.Sequential) and ffn.act[0] is act and ffn.act[1].k == 8
     for layer in measure_sparsity(model, [x]).layers:  # GELU outputs are never exactly 0 here: exactly k survive
         assert layer.p10 == layer.p90 == pytest.approx(1 - 8 / layer.hidden)
-    apply_topk(model, 4)  # replaces k, does not stack a second TopK
+    apply_topk(model, TopKConfig(4))  # replaces k, does not stack a second TopK
     for ffn, act in zip(find_ffns(model), acts, strict=True):
         assert len(ffn.act) == 2 and ffn.act[0] is act and ffn.act[1].k == 4
 
 
 def test_relufy_after_apply_topk_keeps_the_topk():
     model, _ = our_swin()
-    relufy(apply_topk(model, 3), "fatrelu", threshold=0.01)
+    relufy(apply_topk(model, TopKConfig(3)), ReLUConfig("fatrelu", 0.01))
     for ffn in find_ffns(model):
         assert isinstance(ffn.act[0], FATReLU) and ffn.act[1].k == 3
 
 
 def test_apply_topk_on_gated_ffn_bounds_nonzeros_of_x1():
     model, batch = tiny_llama()
-    apply_topk(model, 5)
+    apply_topk(model, TopKConfig(5))
     for layer in measure_sparsity(model, [batch]).layers:
         assert layer.p10 >= 1 - 5 / layer.hidden - 1e-12
 
 
 def test_apply_topk_rejects_bad_k():
     model, _ = our_swin()
-    with pytest.raises(ValueError, match="k must be an integer >= 1, got 0"):
-        apply_topk(model, 0)
+    with pytest.raises(ValueError, match="k=0: expected an integer >= 1"):
+        apply_topk(model, TopKConfig(0))
     assert not any(isinstance(ffn.act, nn.Sequential) for ffn in find_ffns(model))

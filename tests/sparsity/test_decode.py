@@ -13,7 +13,10 @@ from leanformer.data.text import lm_eval_batches
 from leanformer.sparsity import (
     DecodeConfig,
     PredictorConfig,
+    ReLUConfig,
+    SparseInferenceConfig,
     ThresholdConfig,
+    TopKConfig,
     apply_topk,
     calibrate_thresholds,
     fast_decoder,
@@ -139,14 +142,14 @@ def test_refuses_what_it_cannot_decode():
     with pytest.raises(ValueError, match="bfloat16"):
         fast_decoder(build("llama").to(torch.bfloat16))
     with pytest.raises(ValueError, match="FFN activation .* is not supported"):
-        fast_decoder(apply_topk(build("llama"), 8), DecodeConfig(max_len=16))
+        fast_decoder(apply_topk(build("llama"), TopKConfig(8)), DecodeConfig(max_len=16))
 
 
 @pytest.mark.parametrize("activation, threshold", [("relu", 0.0), ("fatrelu", 0.05)])
 def test_relu_models_decode_exactly_and_skip_their_zero_units(activation, threshold):
     """A relufied model keeps a SiLU-looking config; the decoder goes by what the activation computes, and a
     ReLU-family FFN (ProSparse) skips its zero units."""
-    model = relufy(build("llama", std=0.1), activation, threshold)
+    model = relufy(build("llama", std=0.1), ReLUConfig(activation, threshold))
     ids = torch.randint(0, VOCAB, (20,), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         expected = model(ids[None]).logits[0]
@@ -170,13 +173,14 @@ def stepwise_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_predictor_decoding_equals_the_pytorch_predictor_mode(family):
-    """Deja Vu-style predictors on a ReLU model: the decoder computes what `sparsify_for_inference(model,
-    "predictor")` computes (gate, up and down for the predicted units only)."""
-    model = relufy(build(family, std=0.1), "relu")
+    """Deja Vu-style predictors on a ReLU model: the decoder computes what `sparsify_for_inference` computes in
+    predictor mode (gate, up and down for the predicted units only)."""
+    model = relufy(build(family, std=0.1))
     tokens = torch.randint(0, VOCAB, (600,), generator=torch.Generator().manual_seed(5))
     predictors, _ = train_predictors(model, [b[0] for b in lm_eval_batches(tokens, 4, 32)],
                                      PredictorConfig(rank=8, steps=60, target_recall=0.9), progress=False)
-    reference = sparsify_for_inference(copy.deepcopy(model), "predictor", predictors, max_active=1.0, exact_prefix=0)
+    no_prefix = SparseInferenceConfig("predictor", max_active=1.0, exact_prefix=0)
+    reference = sparsify_for_inference(copy.deepcopy(model), no_prefix, predictors)
     ids = torch.randint(0, VOCAB, (24,), generator=torch.Generator().manual_seed(6))
     expected = stepwise_logits(reference, ids)
     tolerance = 1e-4 * expected.abs().max()
@@ -194,7 +198,8 @@ def test_predictor_decoding_equals_the_pytorch_predictor_mode(family):
     assert torch.equal(new, expected_steps.argmax(-1))
     # by default the first position (the attention sink) is computed exactly, the others predicted, in both
     sink_exact = fast_decoder(model, DecodeConfig(max_len=64), predictors).logits(ids)
-    sink_reference = sparsify_for_inference(copy.deepcopy(model), "predictor", predictors, max_active=1.0)
+    sink_reference = sparsify_for_inference(copy.deepcopy(model), SparseInferenceConfig("predictor", max_active=1.0),
+                                            predictors)
     assert (sink_exact - stepwise_logits(sink_reference, ids)).abs().max() <= tolerance
     assert (sink_exact[0] - exact_logits[0]).abs().max() <= tolerance
     assert (sink_exact[1:] - got[1:]).abs().max() > tolerance  # later positions read the exact first keys...
@@ -202,7 +207,7 @@ def test_predictor_decoding_equals_the_pytorch_predictor_mode(family):
 
 
 def test_predictors_are_refused_where_they_cannot_apply():
-    model = relufy(build("llama", std=0.1), "relu")
+    model = relufy(build("llama", std=0.1))
     tokens = torch.randint(0, VOCAB, (300,), generator=torch.Generator().manual_seed(5))
     predictors, _ = train_predictors(model, [b[0] for b in lm_eval_batches(tokens, 4, 32)],
                                      PredictorConfig(rank=8, steps=5), progress=False)

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 
 from leanformer.sparsity import (
     FFNSpec,
+    SparseInferenceConfig,
     SparsityRegularizer,
+    TopKConfig,
     apply_topk,
     find_ffns,
     inference_report,
@@ -249,7 +251,7 @@ def test_sparse_exact_inference_equals_the_dense_model(family):
     model = relufy(model_of(family))
     dense = _run(model, inputs)
     names = [ffn.name for ffn in find_ffns(model)]
-    sparsify_for_inference(model, max_active=1.0)
+    sparsify_for_inference(model, SparseInferenceConfig(max_active=1.0))
     torch.testing.assert_close(_run(model, inputs), dense, atol=2e-5, rtol=1e-4)
     report = inference_report(model)
     # separate gate and up Linears: the whole FFN is replaced; otherwise its down projection
@@ -261,7 +263,7 @@ def test_sparse_exact_inference_equals_the_dense_model(family):
 def test_topk_and_regulariser_work_on_the_ffn_features(family):
     """Top-k runs over the features (channels of an NCHW map); the regulariser's zero fraction is measure's."""
     _, inputs, _, _ = FAMILIES[family]
-    model = apply_topk(relufy(model_of(family)), 5)
+    model = apply_topk(relufy(model_of(family)), TopKConfig(5))
     counts = []
     handles = [ffn.down.register_forward_pre_hook(
         lambda _m, args, ffn=ffn: counts.append((ffn.features_last(args[0]) != 0).sum(-1))) for ffn in find_ffns(model)]
@@ -306,11 +308,11 @@ def test_predictor_data_are_the_ffn_tokens_of_every_layout(family):
 def test_predictor_mode_names_what_a_fused_gate_lacks():
     model = relufy(model_of("phi3"))
     with pytest.raises(ValueError, match=r"mode='predictor' supports gated FFNs .*separate gate and up Linears"):
-        sparsify_for_inference(model, "predictor", {f.name: None for f in find_ffns(model)})
+        sparsify_for_inference(model, SparseInferenceConfig("predictor"), {f.name: None for f in find_ffns(model)})
 
 
 def test_an_nchw_topk_comes_back_from_save_pretrained(tmp_path):
-    model = apply_topk(relufy(model_of("timm_convmlp")), 3)
+    model = apply_topk(relufy(model_of("timm_convmlp")), TopKConfig(3))
     save_pretrained(model, tmp_path)
     again = load_pretrained(tmp_path, model_of("timm_convmlp"))
     assert [ffn.act[1].dim for ffn in find_ffns(again)] == [1, 1]
@@ -407,7 +409,7 @@ def test_structural_fallback_finds_an_unknown_ffn_and_says_what_it_found(gated):
         assert all(type(block.nonlin) is nn.ReLU for block in model.blocks)
         assert 0 < measure_sparsity(model, [x]).average_sparsity < 1
         dense = _run(model, x)
-        sparsify_for_inference(model, max_active=1.0)
+        sparsify_for_inference(model, SparseInferenceConfig(max_active=1.0))
     torch.testing.assert_close(_run(model, x), dense, atol=2e-5, rtol=1e-4)
     assert sorted(inference_report(model)) == ["blocks.0.w_out", "blocks.1.w_out"]  # only the down projections
     explicit = find_ffns(_UnknownNet(gated), [FFNSpec(("_Unknown",), up="w_in", down="w_out", act="nonlin")])
@@ -445,7 +447,7 @@ def test_an_activation_held_as_a_plain_function_is_replaced():
         del layer.intermediate.intermediate_act_fn
         layer.intermediate.intermediate_act_fn = F.gelu
     assert find_ffns(model)[0].act is F.gelu
-    apply_topk(model, 4)
+    apply_topk(model, TopKConfig(4))
     assert all(f.act[1].k == 4 for f in find_ffns(model))
     relufy(model)
     assert all(type(f.act[0]) is nn.ReLU for f in find_ffns(model))
@@ -475,7 +477,7 @@ def test_sparse_exact_runs_under_autocast(family, dtype):
     dense_model = copy.deepcopy(model)
     with torch.autocast("cpu", dtype=dtype):
         dense = _run(model, inputs)
-        sparsify_for_inference(model, max_active=1.0)
+        sparsify_for_inference(model, SparseInferenceConfig(max_active=1.0))
         sparse = _run(model, inputs)
         names = sorted(inference_report(model, reset=True))
         expected, got = _output_dtypes(dense_model, names, inputs), _output_dtypes(model, names, inputs)

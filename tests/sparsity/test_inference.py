@@ -4,6 +4,7 @@ the predicted units; paths are counted; bad requests change nothing."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -12,9 +13,10 @@ import torch.nn as nn
 from test_activations import FAMILIES, tiny_llama
 from tests.conftest import COPY_KINDS, round_trip
 
-from leanformer.sparsity import LowRankPredictor, apply_topk, find_ffns, relufy
+from leanformer.sparsity import LowRankPredictor, ReLUConfig, TopKConfig, apply_topk, find_ffns, relufy
 from leanformer.sparsity.inference import (
     SparseGatedFFN,
+    SparseInferenceConfig,
     SparseInputLinear,
     calibrate_max_active,
     inference_report,
@@ -48,12 +50,12 @@ def test_exact_mode_equals_the_dense_model(family, activation, path):
     build, _ = FAMILIES[family]
     torch.manual_seed(0)
     model, inputs = build()
-    relufy(model, "fatrelu", 0.05) if activation == "fatrelu" else relufy(model)
+    relufy(model, ReLUConfig("fatrelu", 0.05)) if activation == "fatrelu" else relufy(model)
     if activation == "topk":
-        apply_topk(model, 5)
+        apply_topk(model, TopKConfig(5))
     model.eval()
     dense = _run(model, inputs)
-    sparse_model = sparsify_for_inference(copy.deepcopy(model), max_active=1.0)
+    sparse_model = sparsify_for_inference(copy.deepcopy(model), SparseInferenceConfig(max_active=1.0))
     torch.testing.assert_close(_run(sparse_model, inputs), dense, atol=2e-5, rtol=1e-4)
     sparse_calls, dense_calls = _sparse_counts(sparse_model)
     assert sparse_calls == len(find_ffns(model)) and dense_calls == 0
@@ -64,10 +66,10 @@ def test_exact_mode_equals_the_dense_model(family, activation, path):
 def test_hooks_on_the_activation_still_see_it_run():
     """The exact kernel applies ReLU/FATReLU itself, except when someone watches the activation module."""
     model, inputs = tiny_llama()
-    relufy(model, "fatrelu", 0.05)
+    relufy(model, ReLUConfig("fatrelu", 0.05))
     model.eval()
     act = find_ffns(model)[0].act
-    sparsify_for_inference(model, max_active=1.0)
+    sparsify_for_inference(model, SparseInferenceConfig(max_active=1.0))
     seen = []
     handle = act.register_forward_hook(lambda m, a, out: seen.append(out))
     _run(model, inputs)
@@ -82,7 +84,7 @@ def test_batch_union_and_dense_fallback_give_the_same_outputs():
     model.eval()
     ids = torch.randint(0, 50, (3, 6))
     dense = _run(model, {"input_ids": ids})
-    always_dense = sparsify_for_inference(copy.deepcopy(model), max_active=0.0)
+    always_dense = sparsify_for_inference(copy.deepcopy(model), SparseInferenceConfig(max_active=0.0))
     torch.testing.assert_close(_run(always_dense, {"input_ids": ids}), dense, atol=2e-5, rtol=1e-4)
     assert _sparse_counts(always_dense) == (0, 2)
     for name, layer in inference_report(always_dense).items():
@@ -92,10 +94,10 @@ def test_batch_union_and_dense_fallback_give_the_same_outputs():
 def test_the_computed_units_are_the_union_over_tokens():
     torch.manual_seed(0)
     model, _ = tiny_llama()
-    relufy(model, "fatrelu", 0.1)
+    relufy(model, ReLUConfig("fatrelu", 0.1))
     model.eval()
     ids = torch.randint(0, 50, (1, 4))
-    sparsify_for_inference(model, max_active=1.0)
+    sparsify_for_inference(model, SparseInferenceConfig(max_active=1.0))
     mlp = model.model.layers[0].mlp
     seen = {}
     mlp.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0].reshape(-1, 32)))
@@ -114,7 +116,7 @@ def test_generate_gives_the_same_tokens_and_decodes_sparsely():
     kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         dense = model.generate(prompt, **kwargs)
-        sparse_model = sparsify_for_inference(copy.deepcopy(model), max_active=0.9)
+        sparse_model = sparsify_for_inference(copy.deepcopy(model), SparseInferenceConfig(max_active=0.9))
         assert torch.equal(sparse_model.generate(prompt, **kwargs), dense)
     assert _sparse_counts(sparse_model)[0] >= 2 * 11  # every one-token decoding step of both layers
 
@@ -124,7 +126,7 @@ def test_state_dict_is_unchanged_and_down_weight_is_neuron_major():
     model, _ = tiny_llama()
     relufy(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    sparsify_for_inference(model, max_active=1.0)
+    sparsify_for_inference(model, SparseInferenceConfig(max_active=1.0))
     after = model.state_dict()
     assert list(after) == list(before)
     for key, value in before.items():
@@ -138,7 +140,7 @@ def test_plain_ffns_swap_only_the_down_linear():
     build, _ = FAMILIES["hf_bert"]
     model, _ = build()
     relufy(model)
-    sparsify_for_inference(model, max_active=1.0)
+    sparsify_for_inference(model, SparseInferenceConfig(max_active=1.0))
     down = model.encoder.layer[0].output.dense
     assert isinstance(down, SparseInputLinear) and (down.in_features, down.out_features) == (64, 32)
 
@@ -164,16 +166,17 @@ def test_predictor_mode_computes_exactly_the_predicted_units():
     for layer in reference.model.layers:  # the dense FFN with the unpredicted units removed
         layer.mlp.down_proj.weight.data[:, ~keep] = 0
     predictors = {ffn.name: _PredictAll(torch.ones(64, dtype=torch.bool)) for ffn in find_ffns(model)}
-    everything = sparsify_for_inference(copy.deepcopy(model), "predictor", predictors, max_active=1.0)
+    predicting = SparseInferenceConfig("predictor", max_active=1.0)
+    everything = sparsify_for_inference(copy.deepcopy(model), predicting, predictors)
     torch.testing.assert_close(_run(everything, {"input_ids": ids}), dense, atol=2e-5, rtol=1e-4)
     predictors = {name: _PredictAll(keep) for name in predictors}
-    half = sparsify_for_inference(copy.deepcopy(model), "predictor", predictors, max_active=1.0, exact_prefix=0)
+    half = sparsify_for_inference(copy.deepcopy(model), dataclasses.replace(predicting, exact_prefix=0), predictors)
     expected = _run(reference, {"input_ids": ids})
     torch.testing.assert_close(_run(half, {"input_ids": ids}), expected, atol=2e-5, rtol=1e-4)
     assert "predictor" not in " ".join(half.state_dict())
     # by default the first position (the attention sink) is dense: its logits are the dense model's, and the
     # others read its exact keys and values but are predicted themselves
-    sink = sparsify_for_inference(model, "predictor", predictors, max_active=1.0)
+    sink = sparsify_for_inference(model, SparseInferenceConfig("predictor", max_active=1.0), predictors)
     got = _run(sink, {"input_ids": ids})
     torch.testing.assert_close(got[:, 0], dense[:, 0], atol=2e-5, rtol=1e-4)
     assert (got[:, 1:] - expected[:, 1:]).abs().max() > 1e-3
@@ -189,8 +192,9 @@ def test_the_exact_prefix_follows_the_positions_of_generate():
     model.eval()
     dense = copy.deepcopy(model)
     keep = torch.rand(64) < 0.5
-    sparse = sparsify_for_inference(model, "predictor", {f.name: _PredictAll(keep) for f in find_ffns(model)},
-                                    max_active=1.0, exact_prefix=2)
+    predictors = {f.name: _PredictAll(keep) for f in find_ffns(model)}
+    config = SparseInferenceConfig("predictor", max_active=1.0, exact_prefix=2)
+    sparse = sparsify_for_inference(model, config, predictors)
     ids = torch.randint(1, 50, (2, 5))
     mask = torch.ones_like(ids)
     ids[1, :2], mask[1, :2] = 0, 0  # the second row is left-padded: its sequence starts at column 2
@@ -231,26 +235,30 @@ def test_bad_requests_raise_and_leave_the_model_alone():
         sparsify_for_inference(model)
     relufy(model)
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match="mode must be one of"):
-        sparsify_for_inference(model, "fast")
+    with pytest.raises(ValueError, match="mode='fast': expected one of exact, predictor"):
+        SparseInferenceConfig("fast")
     with pytest.raises(ValueError, match="needs predictors="):
-        sparsify_for_inference(model, "predictor")
+        sparsify_for_inference(model, SparseInferenceConfig("predictor"))
     with pytest.raises(ValueError, match="only used by mode='predictor'"):
-        sparsify_for_inference(model, "exact", {})
+        sparsify_for_inference(model, SparseInferenceConfig(), {})
     with pytest.raises(ValueError, match="predictors have no entry for FFN 'model.layers.0.mlp'"):
-        sparsify_for_inference(model, "predictor", {})
-    with pytest.raises(ValueError, match="max_active must be 'auto' or a fraction"):
-        sparsify_for_inference(model, max_active=1.5)
-    apply_topk(model, 4)
+        sparsify_for_inference(model, SparseInferenceConfig("predictor"), {})
+    with pytest.raises(ValueError, match=r"max_active=1.5: expected 'auto' or a fraction in \[0, 1\]"):
+        SparseInferenceConfig(max_active=1.5)
+    with pytest.raises(ValueError, match="exact_prefix=-1"):
+        SparseInferenceConfig(exact_prefix=-1)
+    with pytest.raises(ValueError, match="expected a SparseInferenceConfig, got 'predictor'"):
+        sparsify_for_inference(model, "predictor")  # the loose-argument form of earlier versions
+    apply_topk(model, TopKConfig(4))
     with pytest.raises(ValueError, match="needs an elementwise activation"):
-        sparsify_for_inference(model, "predictor", {f.name: None for f in find_ffns(model)})
+        sparsify_for_inference(model, SparseInferenceConfig("predictor"), {f.name: None for f in find_ffns(model)})
     assert all(isinstance(layer.mlp, nn.Module) and not isinstance(layer.mlp, SparseGatedFFN)
                for layer in model.model.layers)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
-    sparsify_for_inference(model, max_active=1.0)
+    sparsify_for_inference(model, SparseInferenceConfig(max_active=1.0))
     with pytest.raises(ValueError, match="already has sparse-inference FFNs"):
-        sparsify_for_inference(model, max_active=1.0)
+        sparsify_for_inference(model, SparseInferenceConfig(max_active=1.0))
 
 
 def test_predictor_mode_refuses_plain_ffns():
@@ -258,7 +266,7 @@ def test_predictor_mode_refuses_plain_ffns():
     model, _ = build()
     relufy(model)
     with pytest.raises(ValueError, match="mode='predictor' supports gated FFNs"):
-        sparsify_for_inference(model, "predictor", {f.name: None for f in find_ffns(model)})
+        sparsify_for_inference(model, SparseInferenceConfig("predictor"), {f.name: None for f in find_ffns(model)})
 
 
 def test_predictors_of_another_shape_are_refused():
@@ -269,9 +277,9 @@ def test_predictors_of_another_shape_are_refused():
     relufy(model)
     wrong = Predictors({ffn.name: LowRankPredictor(32, 65, 4) for ffn in find_ffns(model)})
     with pytest.raises(ValueError, match="maps 32 -> 65 features, but the FFN has 32 inputs and 64 hidden units"):
-        sparsify_for_inference(model, "predictor", wrong)
+        sparsify_for_inference(model, SparseInferenceConfig("predictor"), wrong)
     right = Predictors({ffn.name: LowRankPredictor(32, 64, 4) for ffn in find_ffns(model)})
-    sparsify_for_inference(model, "predictor", right, max_active=1.0)
+    sparsify_for_inference(model, SparseInferenceConfig("predictor", max_active=1.0), right)
     assert isinstance(model.model.layers[1].mlp, SparseGatedFFN)
 
 
@@ -306,7 +314,7 @@ def test_a_copy_of_a_sparse_model_runs_and_counts_on_its_own(family, how, path):
     torch.manual_seed(0)
     model, inputs = build()
     relufy(model)
-    sparsify_for_inference(model.eval(), max_active=1.0)
+    sparsify_for_inference(model.eval(), SparseInferenceConfig(max_active=1.0))
     _assert_copy_runs_and_counts_on_its_own(model, inputs, how)
 
 
@@ -316,7 +324,7 @@ def test_a_copy_of_a_predictor_mode_model_has_its_own_predictors(how, path):
     model, inputs = tiny_llama()
     relufy(model)
     predictors = {ffn.name: LowRankPredictor(32, 64, 4) for ffn in find_ffns(model)}
-    sparsify_for_inference(model.eval(), "predictor", predictors, max_active=1.0)
+    sparsify_for_inference(model.eval(), SparseInferenceConfig("predictor", max_active=1.0), predictors)
     twin = _assert_copy_runs_and_counts_on_its_own(model, inputs, how)
     assert _sparse_counts(twin)[1] == 2  # the exact first position ran dense: the copy tracks its own positions
     originals = [m.predictor for m in _sparse_modules(model)]
@@ -355,7 +363,7 @@ def test_auto_max_active_is_measured_once_per_machine_and_shape(tmp_path, monkey
     assert len(calls) == measured  # the cached choice: not measured again
     cached = json.loads(_tuning.cache_path().read_text())["choices"]["sparse_path"]
     assert [entry["backend"] for entry in cached.values()] == ["torch"]
-    sparsify_for_inference(fresh(), "exact", max_active=0.5)
+    sparsify_for_inference(fresh(), SparseInferenceConfig(max_active=0.5))
     assert len(calls) == measured  # a fixed fraction measures nothing
 
 

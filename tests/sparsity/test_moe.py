@@ -15,8 +15,11 @@ from leanformer.sparsity import (
     FFNSpec,
     ProSparseConfig,
     ProSparseSchedule,
+    ReLUConfig,
+    SparseInferenceConfig,
     SparsityRegularizer,
     TopK,
+    TopKConfig,
     apply_topk,
     find_ffns,
     load_pretrained,
@@ -135,7 +138,7 @@ def test_relufy_replaces_every_experts_act_fn_and_changes_the_outputs():
 
 
 def test_topk_keeps_at_most_k_units_of_every_pair():
-    model = apply_topk(relufy(_mixtral()), 8)
+    model = apply_topk(relufy(_mixtral()), TopKConfig(8))
     assert all(isinstance(layer.mlp.experts.act_fn[1], TopK) for layer in model.model.layers)
     report = measure_sparsity(model, [IDS])
     assert all(layer.p10 >= 1 - 8 / INTERMEDIATE for layer in report.layers)
@@ -190,7 +193,7 @@ def test_a_relufied_mixtral_round_trips_and_reloads_plainly(tmp_path):
 
 
 def test_a_fatrelu_mixtral_round_trips_and_a_plain_reload_fails(tmp_path):
-    model = relufy(_mixtral(), "fatrelu", 0.01)
+    model = relufy(_mixtral(), ReLUConfig("fatrelu", 0.01))
     save_pretrained(model, tmp_path)
     reloaded = load_pretrained(tmp_path).eval()
     assert all(layer.mlp.experts.act_fn.threshold == 0.01 for layer in reloaded.model.layers)
@@ -204,7 +207,7 @@ def test_sparse_inference_and_predictors_refuse_fused_experts_by_name():
     model = relufy(_mixtral())
     with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.experts is a MixtralExperts: sparsify_for_inference "
                                          r"does not support fused mixture-of-experts weights \(exact sparse inference"):
-        sparsify_for_inference(model, "exact")
+        sparsify_for_inference(model, SparseInferenceConfig())
     with pytest.raises(ValueError, match=r"record_ffn_activity does not support fused mixture-of-experts weights"):
         record_ffn_activity(model, [IDS])
 

@@ -34,7 +34,7 @@ VOCAB = 64
 def tiny_llama(intermediate_size: int = 96, layers: int = 2) -> nn.Module:
     config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=intermediate_size,
                                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4)
-    return relufy(transformers.LlamaForCausalLM(config), "relu")
+    return relufy(transformers.LlamaForCausalLM(config))
 
 
 def id_batches(n: int, seed: int, shape: tuple[int, int] = (4, 32)) -> list[torch.Tensor]:

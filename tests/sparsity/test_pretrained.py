@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from leanformer import apply_topk, create_model, load_pretrained, relufy, save_pretrained
+from leanformer import ReLUConfig, TopKConfig, apply_topk, create_model, load_pretrained, relufy, save_pretrained
 from leanformer.sparsity import FATReLU, TopK, find_ffns
 
 transformers = pytest.importorskip("transformers")
@@ -60,9 +60,9 @@ def test_relu_llama_reloads_plainly_with_the_same_logits(tmp_path):
 def test_what_transformers_cannot_express_refuses_a_plain_reload_and_round_trips_exactly(transform, tmp_path):
     model = _llama()
     if "relu" in transform:
-        relufy(model, "fatrelu" if "fatrelu" in transform else "relu", 0.02 if "fatrelu" in transform else 0.0)
+        relufy(model, ReLUConfig("fatrelu", 0.02) if "fatrelu" in transform else ReLUConfig())
     if "topk" in transform:
-        apply_topk(model, 9)
+        apply_topk(model, TopKConfig(9))
     model.save_pretrained(tmp_path / "plain")
     with pytest.raises(KeyError, match="leanformer.load_pretrained"):
         _plain_reload(model, tmp_path / "plain")
@@ -91,7 +91,7 @@ def test_relu_bert_encoder_reloads_plainly(tmp_path):
 
 
 def test_fatrelu_zero_is_saved_as_relu(tmp_path):
-    model = relufy(_llama(), "fatrelu", 0.0)
+    model = relufy(_llama(), ReLUConfig("fatrelu", 0.0))
     save_pretrained(model, tmp_path)
     assert torch.equal(_out(_plain_reload(model, tmp_path)), _out(model))
 
@@ -110,7 +110,7 @@ def _timm_vit():
 
 @pytest.mark.parametrize("build", [_swin, _timm_vit], ids=["swin", "timm_vit"])
 def test_other_modules_round_trip_and_refuse_a_plain_checkpoint_load(build, tmp_path):
-    model = apply_topk(relufy(build(), "fatrelu", 0.03), 20)
+    model = apply_topk(relufy(build(), ReLUConfig("fatrelu", 0.03)), TopKConfig(20))
     x = torch.randn(2, 3, 32, 32)
     save_pretrained(model, tmp_path)
     reloaded = load_pretrained(tmp_path, build())
@@ -131,7 +131,7 @@ def test_other_modules_round_trip_and_refuse_a_plain_checkpoint_load(build, tmp_
     (lambda r: r.__setitem__("version", 99), "version 99 is not supported"),
 ])
 def test_a_damaged_record_is_refused_naming_the_field(edit, match, tmp_path):
-    save_pretrained(relufy(_llama(), "fatrelu", 0.02), tmp_path)
+    save_pretrained(relufy(_llama(), ReLUConfig("fatrelu", 0.02)), tmp_path)
     path = tmp_path / "config.json"
     values = json.loads(path.read_text())
     edit(values["leanformer"])

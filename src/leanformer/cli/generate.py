@@ -20,6 +20,7 @@ from ..sparsity import (
     PREDICTORS_FILE,
     DecodeConfig,
     Predictors,
+    SparseInferenceConfig,
     fast_decoder,
     inference_report,
     load_sparsified_lm,
@@ -211,8 +212,8 @@ def run(args: argparse.Namespace) -> int:
         paths = {"engine": "compiled", "computed_fraction": decoder.timings()["computed_fraction"]}
     else:
         if args.sparse != "off":
-            model = sparsify_for_inference(copy.deepcopy(dense) if args.compare else dense, args.sparse, predictors,
-                                           max_active=max_active)
+            model = sparsify_for_inference(copy.deepcopy(dense) if args.compare else dense,
+                                           SparseInferenceConfig(args.sparse, max_active=max_active), predictors)
             # loads (or builds) the compiled kernels now, not while timed
             sparse_kernel_backend(next(model.parameters()).detach())
         result = decode(model, prompt, max_new_tokens, "decode", progress)

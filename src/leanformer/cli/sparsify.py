@@ -180,7 +180,7 @@ def save_model(args: argparse.Namespace, model: nn.Module, tokenizer, out: Path,
         save_pretrained(model, out)
         if tokenizer is not None:
             write_files_atomic(out, tokenizer.save_pretrained)
-    fatrelu = f"relufy(model, 'fatrelu', {threshold})"
+    fatrelu = f"relufy(model, ReLUConfig('fatrelu', {threshold}))"
     return out, ("FFN activations recorded in config.json; threshold 0 is ReLU: from_pretrained gives the sparsified "
                  "model as it is" if model.config.leanformer["plain_reload"] else
                  f"FFNs recorded in config.json as {fatrelu}: leanformer.load_pretrained gives the sparsified model "

@@ -2,12 +2,13 @@
 turn it into faster inference (exact sparse FFNs, predictor-selected units), set it without training (TEAL/CATS
 thresholds), and decode LLaMA-family LMs at the memory-bandwidth limit, dense or sparse (`fast_decoder`)."""
 
-from .activations import FATReLU, TopK, apply_topk, relufy, restore_activations
+from .activations import FATReLU, ReLUConfig, TopK, TopKConfig, apply_topk, relufy, restore_activations
 from .decode import DecodeConfig, FastDecoder, fast_decoder
 from .ffn import FFN, FFN_SPECS, FFNSpec, find_ffns, structural_spec
 from .inference import (
     INFERENCE_MODES,
     SparseGatedFFN,
+    SparseInferenceConfig,
     SparseInputConv1D,
     SparseInputConv2d,
     SparseInputLinear,
@@ -66,9 +67,11 @@ __all__ = [
     "ProSparseConfig",
     "ProSparseResult",
     "ProSparseSchedule",
+    "ReLUConfig",
     "SPARSITY_FILE",
     "SPEED_MODES",
     "SparseGatedFFN",
+    "SparseInferenceConfig",
     "SparseInputConv1D",
     "SparseInputConv2d",
     "SparseInputLinear",
@@ -79,6 +82,7 @@ __all__ = [
     "ThresholdConfig",
     "ThresholdReport",
     "TopK",
+    "TopKConfig",
     "WEIGHTS_NAME",
     "apply_topk",
     "best_decode_layout",

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
+from .._checks import check_int, check_real
 from .ffn import FFNSpec, find_ffns
 
-__all__ = ["RELUFY_ACTIVATIONS", "FATReLU", "TopK", "apply_topk", "is_topk_wrapped", "relufy", "restore_activations",
-           "topk_wrapped"]
+__all__ = ["RELUFY_ACTIVATIONS", "FATReLU", "ReLUConfig", "TopK", "TopKConfig", "apply_topk", "is_topk_wrapped",
+           "relufy", "restore_activations", "topk_wrapped"]
 
 RELUFY_ACTIVATIONS = ("relu", "fatrelu")
 
@@ -77,9 +79,52 @@ class TopK(nn.Module):
         return f"k={self.k}" if self.dim == -1 else f"k={self.k}, dim={self.dim}"
 
 
-def relufy(model: nn.Module, activation: str = "relu", threshold: float = 0.0,
-           specs: Iterable[FFNSpec] | None = None) -> nn.Module:
-    """Replace the activation of every FFN of ``model`` with ReLU or FATReLU(threshold), in place; return ``model``.
+def _specs(specs: Iterable[FFNSpec] | None) -> tuple[FFNSpec, ...] | None:
+    """A config's FFN table as a tuple (frozen configs hold no lists), each entry checked to be an `FFNSpec`."""
+    if specs is None:
+        return None
+    specs = tuple(specs)
+    wrong = [type(s).__name__ for s in specs if not isinstance(s, FFNSpec)]
+    if wrong:
+        raise ValueError(f"specs: expected FFNSpec entries (see leanformer.sparsity.FFN_SPECS), got {wrong[:3]}")
+    return specs
+
+
+@dataclass(frozen=True)
+class ReLUConfig:
+    """What `relufy` sets: ``activation`` "relu", or "fatrelu" with its ``threshold`` (ProSparse's t = 0.01), in
+    every FFN `find_ffns` finds (``specs``: its table, default `FFN_SPECS`)."""
+
+    activation: str = "relu"
+    threshold: float = 0.0
+    specs: tuple[FFNSpec, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.activation not in RELUFY_ACTIVATIONS:
+            raise ValueError(f"activation={self.activation!r}: expected one of {', '.join(RELUFY_ACTIVATIONS)}")
+        check_real("threshold", self.threshold, minimum=0)
+        if self.activation == "relu" and self.threshold != 0:
+            raise ValueError(f"threshold={self.threshold!r} applies only to activation='fatrelu' (ReLU's threshold "
+                             "is 0)")
+        object.__setattr__(self, "specs", _specs(self.specs))
+
+
+@dataclass(frozen=True)
+class TopKConfig:
+    """What `apply_topk` sets: keep the ``k`` largest activations per token in every FFN (``specs`` as in
+    `ReLUConfig`)."""
+
+    k: int
+    specs: tuple[FFNSpec, ...] | None = None
+
+    def __post_init__(self) -> None:
+        check_int("k", self.k, minimum=1)
+        object.__setattr__(self, "specs", _specs(self.specs))
+
+
+def relufy(model: nn.Module, config: ReLUConfig = ReLUConfig()) -> nn.Module:
+    """Replace the activation of every FFN of ``model`` with ReLU or FATReLU(threshold) as ``config`` says, in
+    place; return ``model``.
 
     In a gated FFN (LLaMA) the gate activation is replaced, as ProSparse does, so x1 = relu(gate(x)) * up(x)
     is zero wherever the gate is. Without further training the outputs change (the model was trained with
@@ -89,17 +134,13 @@ def relufy(model: nn.Module, activation: str = "relu", threshold: float = 0.0,
     A Hugging Face model's config is updated so that a saved copy reloads as this model or not at all (see
     `leanformer.sparsity.pretrained`); `leanformer.save_pretrained` / `load_pretrained` round-trip it exactly.
     """
-    if activation not in RELUFY_ACTIVATIONS:
-        raise ValueError(f"relufy activation must be one of {RELUFY_ACTIVATIONS}, got {activation!r}")
-    if activation == "relu" and threshold != 0:
-        raise ValueError(f"relufy threshold={threshold!r} applies only to activation='fatrelu' "
-                         "(ReLU's threshold is 0)")
-    if activation == "fatrelu":
-        FATReLU(threshold)  # validate before touching the model
+    if not isinstance(config, ReLUConfig):
+        raise ValueError(f"relufy(model, config): expected a ReLUConfig, got {config!r}")
+    specs = config.specs
     ffns = find_ffns(model, specs)
     _remember_activations(model, ffns)
     for ffn in ffns:
-        new = nn.ReLU() if activation == "relu" else FATReLU(threshold)
+        new = nn.ReLU() if config.activation == "relu" else FATReLU(config.threshold)
         if is_topk_wrapped(ffn.act):
             ffn.act[0] = new  # keep the TopK that apply_topk added
         else:
@@ -108,8 +149,8 @@ def relufy(model: nn.Module, activation: str = "relu", threshold: float = 0.0,
     return model
 
 
-def apply_topk(model: nn.Module, k: int, specs: Iterable[FFNSpec] | None = None) -> nn.Module:
-    """Follow every FFN activation of ``model`` with `TopK(k)`, in place; return ``model``.
+def apply_topk(model: nn.Module, config: TopKConfig) -> nn.Module:
+    """Follow every FFN activation of ``model`` with `TopK(config.k)`, in place; return ``model``.
 
     The activation becomes ``nn.Sequential(old_act, TopK(k))``; applying again replaces the k rather than
     stacking a second TopK. In a gated FFN the top-k is taken over act(gate(x)), before the product with
@@ -117,7 +158,9 @@ def apply_topk(model: nn.Module, k: int, specs: Iterable[FFNSpec] | None = None)
     top-k runs over the FFN's feature dimension (dimension 1 for 1x1 Conv2d FFNs on NCHW maps). An activation
     held as a plain function is wrapped as well (`nn.Sequential` calls it like a module).
     """
-    TopK(k)  # validate before touching the model
+    if not isinstance(config, TopKConfig):
+        raise ValueError(f"apply_topk(model, config): expected a TopKConfig, got {config!r}")
+    k, specs = config.k, config.specs
     ffns = find_ffns(model, specs)
     _remember_activations(model, ffns)
     for ffn in ffns:

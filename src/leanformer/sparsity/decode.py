@@ -13,7 +13,7 @@ surviving inputs; with FFN thresholds (CATS, Lee et al. 2024: units with |act(ga
 up and down for the surviving units only. Either way the result is the thresholded model's, exactly
 (`sparsity.thresholds` calibrates the thresholds and applies them to the PyTorch model, the reference). A
 ReLU-family FFN (ProSparse) skips its zero units exactly; given Deja Vu-style predictors (Liu et al. 2023) it
-computes the gate only for the units they predict active, as `sparsify_for_inference(model, "predictor")` does.
+computes the gate only for the units they predict active, as `sparsify_for_inference` does in predictor mode.
 
 Supported: the `LLAMA_FAMILY` model types (LLaMA/SmolLM, Mistral, Qwen2, Qwen3, Gemma); fp32 weights on the CPU.
 Weight layout ("rows": out x in, or "cols": in x out, which input sparsity needs) is chosen per machine by
@@ -287,8 +287,8 @@ def fast_decoder(model: nn.Module, config: DecodeConfig | None = None, predictor
     TEAL and CATS thresholds set on the model (`calibrate_thresholds`) are run sparsely: the decoder computes
     the thresholded model, skipping the weights of the zeroed entries. A ReLU-family model (`relufy`,
     `prosparse`) skips its zero FFN units exactly; with ``predictors`` (`train_predictors`, Deja Vu-style) it
-    computes the gate only for the units they predict active, as ``sparsify_for_inference(model, "predictor")``
-    does, per token: units a predictor misses are lost (approximate); the first ``config.exact_prefix``
+    computes the gate only for the units they predict active, as `sparsify_for_inference` does in predictor mode,
+    per token: units a predictor misses are lost (approximate); the first ``config.exact_prefix``
     positions are computed exactly.
 
     Needs the compiled kernels (a C++ compiler; built once, about a minute): without them this raises, and

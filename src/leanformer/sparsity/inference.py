@@ -32,11 +32,13 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._checks import check_int, is_real
 from .._native import source_digest
 from .._timing import time_interleaved
 from .._tuning import tuned
@@ -45,8 +47,8 @@ from .activations import FATReLU, TopK
 from .ffn import FFN, FFNSpec, find_ffns, layer_kind, refuse_fused_experts
 from .kernels import KERNEL_SOURCE, backend, gated_down, gather_matmul, input_sparse_down, scatter_matmul
 
-__all__ = ["INFERENCE_MODES", "SparseGatedFFN", "SparseInputConv1D", "SparseInputConv2d", "SparseInputLinear",
-           "calibrate_max_active", "desparsify", "inference_report", "sparsify_for_inference"]
+__all__ = ["INFERENCE_MODES", "SparseGatedFFN", "SparseInferenceConfig", "SparseInputConv1D", "SparseInputConv2d",
+           "SparseInputLinear", "calibrate_max_active", "desparsify", "inference_report", "sparsify_for_inference"]
 
 INFERENCE_MODES = ("exact", "predictor")
 _ELEMENTWISE = (nn.ReLU, FATReLU)
@@ -333,8 +335,6 @@ def _activation_kind(act: nn.Module) -> str | None:
 
 
 def _validate(model: nn.Module, ffns: list[FFN], mode: str, predictors, specs) -> None:
-    if mode not in INFERENCE_MODES:
-        raise ValueError(f"mode must be one of {INFERENCE_MODES}, got {mode!r}")
     if mode == "predictor" and predictors is None:
         raise ValueError("mode='predictor' needs predictors= (see leanformer.sparsity.train_predictors)")
     if mode == "exact" and predictors is not None:
@@ -430,27 +430,47 @@ def _measured_sparse_path(ffn: FFN, mode: str, gated: bool) -> tuple[float, bool
     return float(entry["choice"]), entry["backend"] == "native"
 
 
-def sparsify_for_inference(model: nn.Module, mode: str = "exact", predictors=None, *,
-                           max_active: float | str = "auto", specs: Iterable[FFNSpec] | None = None,
-                           exact_prefix: int = 1) -> nn.Module:
-    """Swap every FFN of ``model`` for its sparse-inference form, in place; return ``model``.
+@dataclass(frozen=True)
+class SparseInferenceConfig:
+    """How `sparsify_for_inference` computes the FFNs.
 
-    ``mode="exact"`` gives the dense outputs (up to float rounding); ``mode="predictor"`` uses ``predictors``
-    (a `Predictors` with one entry per FFN name) to choose the units of gated FFNs. ``max_active`` is the
-    largest fraction of hidden units a call may compute sparsely before it runs dense instead; "auto"
-    measures it per FFN shape and mode on this machine (`calibrate_max_active`, a second or so per shape). In
-    predictor mode the first ``exact_prefix`` positions of every sequence (read from the model call's
-    ``position_ids`` or its KV cache) are computed densely: the first token is the attention sink, and predicting
-    its units ruins the tokens after it (see `_positions`). Everything is validated before the model is touched.
-    Works under ``model.generate()``; use `inference_report` to see which path ran.
+    mode: "exact" gives the dense outputs (up to float rounding); "predictor" lets `Predictors` choose the units
+        of gated FFNs (approximate). max_active: the largest fraction of hidden units a call may compute sparsely
+        before it runs dense instead; "auto" measures it per FFN shape and mode on this machine
+        (`calibrate_max_active`, a second or so per shape, cached). exact_prefix: in predictor mode, the first
+        positions of every sequence (read from the model call's ``position_ids`` or its KV cache) computed
+        densely: the first token is the attention sink, and predicting its units ruins the tokens after it (see
+        `_positions`). specs: the FFN table `find_ffns` reads (default `FFN_SPECS`).
     """
+
+    mode: str = "exact"
+    max_active: float | str = "auto"
+    exact_prefix: int = 1
+    specs: tuple[FFNSpec, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in INFERENCE_MODES:
+            raise ValueError(f"mode={self.mode!r}: expected one of {', '.join(INFERENCE_MODES)}")
+        if self.max_active != "auto" and not (is_real(self.max_active) and 0 <= self.max_active <= 1):
+            raise ValueError(f"max_active={self.max_active!r}: expected 'auto' or a fraction in [0, 1]")
+        check_int("exact_prefix", self.exact_prefix, minimum=0)
+        if self.specs is not None:
+            object.__setattr__(self, "specs", tuple(self.specs))
+
+
+def sparsify_for_inference(model: nn.Module, config: SparseInferenceConfig = SparseInferenceConfig(),
+                           predictors=None) -> nn.Module:
+    """Swap every FFN of ``model`` for its sparse-inference form as ``config`` says, in place; return ``model``.
+
+    ``predictors`` (mode "predictor" only): a `Predictors` with one entry per FFN name, see `train_predictors`.
+    Everything is validated before the model is touched. Works under ``model.generate()``; use `inference_report`
+    to see which path ran and `desparsify` to undo.
+    """
+    if not isinstance(config, SparseInferenceConfig):
+        raise ValueError(f"sparsify_for_inference(model, config): expected a SparseInferenceConfig, got {config!r}")
     if any(isinstance(m, _CountsPaths) for m in model.modules()):
         raise ValueError("model already has sparse-inference FFNs (sparsify_for_inference was applied before)")
-    if not (max_active == "auto" or (isinstance(max_active, (int, float)) and not isinstance(max_active, bool)
-                                     and 0.0 <= max_active <= 1.0)):
-        raise ValueError(f"max_active must be 'auto' or a fraction in [0, 1], got {max_active!r}")
-    if isinstance(exact_prefix, bool) or not isinstance(exact_prefix, int) or exact_prefix < 0:
-        raise ValueError(f"exact_prefix must be an integer >= 0, got {exact_prefix!r}")
+    mode, max_active, exact_prefix, specs = config.mode, config.max_active, config.exact_prefix, config.specs
     ffns = find_ffns(model, specs)
     refuse_fused_experts(ffns, "sparsify_for_inference", _EXPERTS_REASON)
     _validate(model, ffns, mode, predictors, specs)

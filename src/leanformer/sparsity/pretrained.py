@@ -37,7 +37,7 @@ from .._io import atomic_write, write_files_atomic
 from .._loading import first_line, hf_from_pretrained, read_safetensors
 from ..data import load_tokenizer
 from ..models._checkpoint import TRANSFORMS_METADATA_KEY, check_state_dict
-from .activations import FATReLU, is_topk_wrapped, relufy, topk_wrapped
+from .activations import FATReLU, ReLUConfig, is_topk_wrapped, relufy, topk_wrapped
 from .ffn import FFNSpec, activation_paths, find_ffns
 from .thresholds import input_threshold_record, is_thresholded, set_input_threshold, thresholded
 
@@ -368,7 +368,7 @@ def load_sparsified_lm(folder: Path, threshold: float | None = None, progress: b
     tokenizer = load_tokenizer(folder)
     if not threshold:
         return CausalLM(model, tokenizer, described)
-    relufy(model, "fatrelu", threshold)
+    relufy(model, ReLUConfig("fatrelu", threshold))
     return CausalLM(model, tokenizer, f"FATReLU(threshold={threshold:g}) from {source}")
 
 

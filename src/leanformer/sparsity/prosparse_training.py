@@ -33,7 +33,7 @@ from .._runfolder import claim_run_folder
 from ..engine import Checkpointing, LoopConfig, check_resume, fit, process_group
 from ..engine.optim import check_optimizer_settings
 from ._batches import split_batch, split_pair, to_device
-from .activations import relufy
+from .activations import ReLUConfig, relufy
 from .ffn import FFNSpec
 from .measure import SparsityReport, measure_sparsity
 from .regularize import NORMALIZATIONS, PROSPARSE_7B, ProSparseSchedule, SparsityRegularizer
@@ -299,7 +299,7 @@ def _prosparse(model: nn.Module, train_batches: Iterable, config: ProSparseConfi
     torch.manual_seed(config.seed)
     initial_loss, initial_report = _evaluate(model, eval_batches, loss_fn, specs, device)
 
-    relufy(model, "relu", specs=specs)  # step 1
+    relufy(model, ReLUConfig(specs=specs))  # step 1
     schedule = config.schedule
     regularizer = SparsityRegularizer(model, schedule, specs, config.normalization)  # step 2 (λ = 0 in step 1)
 
@@ -318,7 +318,7 @@ def _prosparse(model: nn.Module, train_batches: Iterable, config: ProSparseConfi
     finally:
         regularizer.remove()
 
-    relufy(model, "fatrelu", config.threshold, specs)  # step 3
+    relufy(model, ReLUConfig("fatrelu", config.threshold, specs=specs))  # step 3
     final_loss, report = _evaluate(model, eval_batches, loss_fn, specs, device)
     return ProSparseResult(
         config=config.to_dict(), schedule=[list(stage) for stage in schedule.stages], start_step=done.start_step,

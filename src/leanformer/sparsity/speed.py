@@ -19,7 +19,7 @@ import torch.nn as nn
 from .._timing import time_interleaved
 from .activations import FATReLU
 from .ffn import FFNSpec
-from .inference import inference_report, sparsify_for_inference
+from .inference import SparseInferenceConfig, inference_report, sparsify_for_inference
 from .predictor import LowRankPredictor, PredictorConfig
 
 __all__ = ["SPEED_MODES", "SYNTHETIC_SPECS", "GatedFFN", "PlainFFN", "synthetic_layers", "time_sparse_ffn"]
@@ -140,8 +140,10 @@ def time_sparse_ffn(d_model: int, d_ff: int, *, sparsity: float, batch: int = 1,
     for mode in modes:
         model = nn.Sequential(*(_twin(layer, down) for layer, down in zip(dense, downs, strict=True)))
         predictors = _predictors_for(dense, sparsity, rank, generator) if mode == "predictor" else None
-        sparsify_for_inference(model, "predictor" if mode == "predictor" else "exact", predictors, max_active=1.0,
-                               specs=SYNTHETIC_SPECS, exact_prefix=0)  # every call through the path timed
+        # max_active 1 and no exact prefix: every call through the path timed
+        config = SparseInferenceConfig("predictor" if mode == "predictor" else "exact", max_active=1.0,
+                                       exact_prefix=0, specs=SYNTHETIC_SPECS)
+        sparsify_for_inference(model, config, predictors)
         if mode == "exact-torch":  # the same modules asked for the PyTorch path (no process-wide switch)
             for module in model.modules():
                 if hasattr(module, "native"):
