@@ -97,7 +97,9 @@ def test_compressing_twice_is_an_error_and_undo_restores_exact_gradients():
 def test_excluded_modules_and_ops_stay_exact():
     model = tiny_swin()
     x = torch.randn(2, 3, 32, 32)
-    assert compare(model, x, CompressionConfig(exclude_modules=("*",))) == 0.0
+    assert compare(model, x, CompressionConfig(exclude_modules=".*")) == 0.0  # a regex: every module
+    with pytest.raises(ValueError, match=r"exclude_modules=\('\*',\): '\*' is a shell pattern"):
+        CompressionConfig(exclude_modules=("*",))
     compressed = compress_activations(copy.deepcopy(model), CompressionConfig(ops=("linear",)))
     with saved_activation_bytes(compressed) as report:
         compressed(x).sum()

@@ -233,3 +233,22 @@ def test_apply_topk_rejects_bad_k():
     with pytest.raises(ValueError, match="k=0: expected an integer >= 1"):
         apply_topk(model, TopKConfig(0))
     assert not any(isinstance(ffn.act, nn.Sequential) for ffn in find_ffns(model))
+
+
+def test_target_modules_selects_ffns_by_name_as_every_config_does():
+    """One selection language for every transform: names or name endings, or one regex on the full name."""
+    from leanformer.sparsity import SparseInferenceConfig, inference_report, sparsify_for_inference
+
+    torch.manual_seed(0)
+    model, inputs = tiny_llama()
+    relufy(model, ReLUConfig(target_modules=("layers.0.mlp",)))
+    kinds = {ffn.name: type(ffn.act).__name__ for ffn in find_ffns(model)}
+    assert kinds == {"model.layers.0.mlp": "ReLU", "model.layers.1.mlp": "SiLUActivation"}
+    relufy(model, ReLUConfig("fatrelu", 0.01, target_modules=r"model\.layers\.1\.mlp"))
+    apply_topk(model, TopKConfig(8, target_modules=("layers.1.mlp",)))
+    kinds = {ffn.name: type(ffn.act).__name__ for ffn in find_ffns(model)}
+    assert kinds == {"model.layers.0.mlp": "ReLU", "model.layers.1.mlp": "Sequential"}
+    sparsify_for_inference(model.eval(), SparseInferenceConfig(max_active=1.0, target_modules=("layers.0.mlp",)))
+    assert list(inference_report(model)) == ["model.layers.0.mlp"]
+    with pytest.raises(ValueError, match=r"target_modules=\('attn',\) selects none of the FFNs of LlamaForCausalLM"):
+        relufy(model, ReLUConfig(target_modules=("attn",)))

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass
 
 from .._checks import is_int, is_real
+from .._targets import check_targets
 
 __all__ = ["ALL_LINEAR", "COMPUTE_PATHS", "GATE_SCORES", "PEFT_TYPE", "SMoRAConfig"]
 
@@ -125,19 +125,10 @@ class SMoRAConfig:
 
 def _names(value, field: str, allow_pattern: bool = False) -> str | tuple[str, ...]:
     """A tuple of module names (a list or set is accepted), or, for target_modules, one string: a regex or
-    'all-linear'."""
-    if isinstance(value, str):
-        if not allow_pattern:
-            value = (value,)
-        elif value == ALL_LINEAR:
-            return value
-        else:
-            try:
-                re.compile(value)
-            except re.error as err:
-                raise ValueError(f"{field}={value!r}: not a valid regular expression ({err})") from err
-            return value
-    if not isinstance(value, (list, tuple, set, frozenset)) or not all(isinstance(v, str) and v for v in value):
-        raise ValueError(f"{field}={value!r}: expected module names (strings)"
-                         + (", a regex or 'all-linear'" if allow_pattern else ""))
-    return tuple(sorted(value)) if isinstance(value, (set, frozenset)) else tuple(value)
+    'all-linear' (`leanformer._targets`, the selection language of every config)."""
+    if isinstance(value, str) and not allow_pattern:
+        value = (value,)
+    if value is None:
+        raise ValueError(f"{field}=None: expected module names (strings)" + (", a regex or 'all-linear'"
+                                                                              if allow_pattern else ""))
+    return check_targets(field, value, (ALL_LINEAR,) if allow_pattern else ())

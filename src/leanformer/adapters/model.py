@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -10,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from .._projections import layer_kind
+from .._targets import selects
 from .._timing import time_interleaved
 from .config import ALL_LINEAR, SMoRAConfig
 from .layer import RoutingContext, SMoRALinear, attach_root, dense_adapter, feature_sizes, gather_adapter
@@ -33,17 +33,14 @@ def target_names(model: nn.Module, config: SMoRAConfig) -> list[str]:
     inside a layer that already wraps a ``base_layer`` (a PEFT LoRA layer: its lora_A/lora_B and base layer
     belong to that adapter). A named layer SMoRA cannot wrap raises ValueError saying which type it is."""
     modules = dict(model.named_modules())
-    skipped = [name for name, m in modules.items() if name and (_matches(name, config.modules_to_save)
+    skipped = [name for name, m in modules.items() if name and (selects(config.modules_to_save, name)
                                                                  or isinstance(getattr(m, "base_layer", None),
                                                                                nn.Module))]
     inside = lambda n: any(n == s or n.startswith(s + ".") for s in skipped)
     if config.target_modules == ALL_LINEAR:
         return [n for n, m in modules.items() if n and not inside(n) and _kind_name(m) in ("Linear", "Conv1D")
                 and not set(n.split(".")) & set(_OUTPUT_LAYER_NAMES)]
-    if isinstance(config.target_modules, str):
-        matched = [n for n in modules if n and re.fullmatch(config.target_modules, n)]
-    else:
-        matched = [n for n in modules if n and _matches(n, config.target_modules)]
+    matched = [n for n in modules if n and selects(config.target_modules, n)]
     leaves = [n for n in matched if not inside(n) and _is_layer(modules[n])]
     unsupported = [n for n in leaves if _kind_name(modules[n]) is None]
     if unsupported:
@@ -66,7 +63,7 @@ def add_smora(model: nn.Module, config: SMoRAConfig) -> nn.Module:
     if not names:
         raise ValueError(f"target_modules={config.target_modules!r} matches no nn.Linear (nor Conv1D or 1x1 "
                          f"Conv2d) of {type(model).__name__}; its layers are e.g. {_some_layers(model)}")
-    missing = [n for n in config.modules_to_save if not any(_matches(m, (n,)) for m, _ in model.named_modules())]
+    missing = [n for n in config.modules_to_save if not any(selects((n,), m) for m, _ in model.named_modules())]
     if missing:
         raise ValueError(f"modules_to_save {missing}: no such module in {type(model).__name__}")
     context = RoutingContext()
@@ -86,7 +83,7 @@ def add_smora(model: nn.Module, config: SMoRAConfig) -> nn.Module:
             compute = config.compute
         setattr(parent, attr, SMoRALinear(base, config, context, compute).train(base.training))  # keep eval()
     for name, module in model.named_modules():
-        if name and _matches(name, config.modules_to_save):
+        if name and selects(config.modules_to_save, name):
             module.requires_grad_(True)
     attach_root(model, context)
     return model
@@ -158,11 +155,6 @@ def choose_compute(out_features: int, config: SMoRAConfig, tokens: int = 1024, d
 
     timings = time_interleaved({"gather": step(gather_adapter), "dense": step(dense_adapter)}, runs, warmup=1)
     return min(timings, key=lambda path: timings[path]["median_s"])
-
-
-def _matches(name: str, patterns: tuple[str, ...]) -> bool:
-    """``name`` is one of ``patterns`` or ends with one, on a component boundary (PEFT's rule for name lists)."""
-    return any(name == p or name.endswith("." + p) for p in patterns)
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:

@@ -21,9 +21,10 @@ from safetensors.torch import save_file
 
 from .._io import atomic_write, write_json_atomic
 from .._loading import read_safetensors
+from .._targets import selects
 from .config import PEFT_TYPE, SMoRAConfig
 from .layer import feature_sizes
-from .model import _matches, add_smora, smora_layers, target_names
+from .model import add_smora, smora_layers, target_names
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "adapter_state_dict", "load_adapter", "read_adapter_config", "save_adapter"]
 
@@ -46,7 +47,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for key in _ADAPTER_TENSORS:
             state[f"{_PREFIX}{name}.{key}"] = own[key]
     for name, module in model.named_modules():
-        if name and _matches(name, config.modules_to_save):
+        if name and selects(config.modules_to_save, name):
             for key, tensor in module.state_dict().items():
                 state[f"{_PREFIX}{name}.{key}"] = tensor
     return {key: tensor.detach().contiguous().cpu() for key, tensor in state.items()}
@@ -143,6 +144,6 @@ def _expected_shapes(model: nn.Module, config: SMoRAConfig) -> dict[str, tuple[i
                        f"{_PREFIX}{name}.lora_router.weight": (config.experts, in_features),
                        f"{_PREFIX}{name}.lora_biases": (config.experts,)})
     for name, module in modules.items():
-        if name and _matches(name, config.modules_to_save):
+        if name and selects(config.modules_to_save, name):
             shapes.update({f"{_PREFIX}{name}.{k}": tuple(v.shape) for k, v in module.state_dict().items()})
     return shapes

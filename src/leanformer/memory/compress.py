@@ -16,12 +16,11 @@ functional call alike), so nothing has to be replaced by hand.
 - Ranges per group: each tensor's own (default) or Mesa's running estimates, per site (module, op
   kind, order of the save within the module's forward); values outside a running range are
   clamped, never wrapped, and counted (`stats()`).
-- Exclusion by op kind (`ops`) and by module-name pattern (`exclude_modules`).
+- Exclusion by op kind (`ops`) and by module name (`exclude_modules`, names or one regex).
 """
 
 from __future__ import annotations
 
-import fnmatch
 import weakref
 from dataclasses import dataclass, field
 
@@ -30,6 +29,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from .. import _native
+from .._targets import check_targets, selects
 from . import quantize as Q
 from ._tracking import ModuleTracker
 from .measure import active_report, parameter_storages, storage_key
@@ -74,7 +74,8 @@ class CompressionConfig:
     ema_decay: weight of the old running range per training forward (Mesa: 0.9).
     rounding: "stochastic" (unbiased) or "nearest".
     ops: op kinds to compress, from OP_KINDS.
-    exclude_modules: fnmatch patterns of module names whose saved tensors stay exact.
+    exclude_modules: the modules whose saved tensors stay exact, in the selection language of every config
+        (`leanformer._targets`, PEFT's target_modules: names or name endings, or one regular expression).
     min_numel: tensors with fewer elements stay exact (not worth it).
     clip_stats_every: count values clipped by running ranges on one training forward in this many
         (counting costs three passes over every tensor); `stats()` reports the sampled fraction.
@@ -86,7 +87,7 @@ class CompressionConfig:
     ema_decay: float = 0.9
     rounding: str = "stochastic"
     ops: tuple[str, ...] = OP_KINDS
-    exclude_modules: tuple[str, ...] = ()
+    exclude_modules: str | tuple[str, ...] = ()
     min_numel: int = 1024
     clip_stats_every: int = 10
 
@@ -103,7 +104,7 @@ class CompressionConfig:
         if self.rounding not in ("stochastic", "nearest"):
             raise ValueError(f"rounding={self.rounding!r}: expected 'stochastic' or 'nearest'")
         object.__setattr__(self, "ops", tuple(self.ops))
-        object.__setattr__(self, "exclude_modules", tuple(self.exclude_modules))
+        object.__setattr__(self, "exclude_modules", check_targets("exclude_modules", self.exclude_modules) or ())
         unknown = [op for op in self.ops if op not in OP_KINDS]
         if unknown:
             raise ValueError(f"ops={list(self.ops)!r}: unknown kind(s) {unknown}; expected kinds from {OP_KINDS}")
@@ -226,7 +227,7 @@ class ActivationCompressor:
             self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, _Stored.unpack)
             self._saved_hooks.__enter__()
             self._mode.__enter__()
-        elif any(fnmatch.fnmatch(name, p) for p in self.config.exclude_modules):
+        elif selects(self.config.exclude_modules, name):
             self._excluded += 1
 
     def _exit(self, name: str, module: nn.Module) -> None:
@@ -235,7 +236,7 @@ class ActivationCompressor:
             self._saved_hooks.__exit__(None, None, None)
             self._saved_hooks = None
             self._cache.clear()
-        elif any(fnmatch.fnmatch(name, p) for p in self.config.exclude_modules):
+        elif selects(self.config.exclude_modules, name):
             self._excluded -= 1
 
     # -- the pack hook -------------------------------------------------------------------------------

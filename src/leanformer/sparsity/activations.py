@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 
 from .._checks import check_int, check_real
-from .ffn import FFNSpec, find_ffns
+from .._targets import check_targets
+from .ffn import FFNSpec, find_ffns, selected_ffns
 
 __all__ = ["RELUFY_ACTIVATIONS", "FATReLU", "ReLUConfig", "TopK", "TopKConfig", "apply_topk", "is_topk_wrapped",
            "relufy", "restore_activations", "topk_wrapped"]
@@ -93,11 +94,13 @@ def _specs(specs: Iterable[FFNSpec] | None) -> tuple[FFNSpec, ...] | None:
 @dataclass(frozen=True)
 class ReLUConfig:
     """What `relufy` sets: ``activation`` "relu", or "fatrelu" with its ``threshold`` (ProSparse's t = 0.01), in
-    every FFN `find_ffns` finds (``specs``: its table, default `FFN_SPECS`)."""
+    every FFN `find_ffns` finds (``specs``: its table, default `FFN_SPECS`) that ``target_modules`` selects (FFN
+    module names or name endings, or one regex, as every config selects modules; None: every FFN)."""
 
     activation: str = "relu"
     threshold: float = 0.0
     specs: tuple[FFNSpec, ...] | None = None
+    target_modules: str | tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.activation not in RELUFY_ACTIVATIONS:
@@ -107,19 +110,22 @@ class ReLUConfig:
             raise ValueError(f"threshold={self.threshold!r} applies only to activation='fatrelu' (ReLU's threshold "
                              "is 0)")
         object.__setattr__(self, "specs", _specs(self.specs))
+        object.__setattr__(self, "target_modules", check_targets("target_modules", self.target_modules))
 
 
 @dataclass(frozen=True)
 class TopKConfig:
-    """What `apply_topk` sets: keep the ``k`` largest activations per token in every FFN (``specs`` as in
-    `ReLUConfig`)."""
+    """What `apply_topk` sets: keep the ``k`` largest activations per token in every FFN (``specs`` and
+    ``target_modules`` as in `ReLUConfig`)."""
 
     k: int
     specs: tuple[FFNSpec, ...] | None = None
+    target_modules: str | tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         check_int("k", self.k, minimum=1)
         object.__setattr__(self, "specs", _specs(self.specs))
+        object.__setattr__(self, "target_modules", check_targets("target_modules", self.target_modules))
 
 
 def relufy(model: nn.Module, config: ReLUConfig = ReLUConfig()) -> nn.Module:
@@ -137,7 +143,7 @@ def relufy(model: nn.Module, config: ReLUConfig = ReLUConfig()) -> nn.Module:
     if not isinstance(config, ReLUConfig):
         raise ValueError(f"relufy(model, config): expected a ReLUConfig, got {config!r}")
     specs = config.specs
-    ffns = find_ffns(model, specs)
+    ffns = selected_ffns(model, specs, config.target_modules)
     _remember_activations(model, ffns)
     for ffn in ffns:
         new = nn.ReLU() if config.activation == "relu" else FATReLU(config.threshold)
@@ -161,7 +167,7 @@ def apply_topk(model: nn.Module, config: TopKConfig) -> nn.Module:
     if not isinstance(config, TopKConfig):
         raise ValueError(f"apply_topk(model, config): expected a TopKConfig, got {config!r}")
     k, specs = config.k, config.specs
-    ffns = find_ffns(model, specs)
+    ffns = selected_ffns(model, specs, config.target_modules)
     _remember_activations(model, ffns)
     for ffn in ffns:
         act = ffn.act[0] if is_topk_wrapped(ffn.act) else ffn.act

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch.utils.hooks import RemovableHandle
 
 from .._projections import SUPPORTED_LAYERS, LayerKind, layer_kind
+from .._targets import selects
 
 __all__ = ["FFN", "FFN_SPECS", "ExpertRows", "FFNSpec", "LayerKind", "activation_paths", "find_ffns", "layer_kind",
            "refuse_fused_experts", "structural_spec"]
@@ -466,6 +467,18 @@ _ACTIVATION_HOMES = ("torch.nn.modules.activation", "transformers.activations", 
                      "timm.layers.activations_me", "leanformer.sparsity.activations")
 _NOT_ACTIVATIONS = ("Softmax", "Softmin", "LogSoftmax", "Softmax2d", "MultiheadAttention", "TopK")
 
+
+
+def selected_ffns(model: nn.Module, specs: Iterable[FFNSpec] | None,
+                  targets: str | tuple[str, ...] | None) -> list[FFN]:
+    """The FFNs of ``model`` (`find_ffns`) whose module names the selection ``targets`` takes (see
+    `leanformer._targets`); ValueError naming the selection and some FFN names when it takes none."""
+    ffns = find_ffns(model, specs)
+    chosen = [ffn for ffn in ffns if selects(targets, ffn.name)]
+    if not chosen:
+        raise ValueError(f"target_modules={targets!r} selects none of the FFNs of {type(model).__name__}; they are "
+                         f"e.g. {[ffn.name for ffn in ffns[:3]]}")
+    return chosen
 
 def _is_activation(module: nn.Module) -> bool:
     if isinstance(module, nn.Sequential) and len(module) == 2 and type(module[1]).__name__ == "TopK":

@@ -40,11 +40,12 @@ import torch.nn.functional as F
 
 from .._checks import check_int, is_real
 from .._native import source_digest
+from .._targets import check_targets
 from .._timing import time_interleaved
 from .._tuning import tuned
 from ._positions import PositionTracker
 from .activations import FATReLU, TopK
-from .ffn import FFN, FFNSpec, find_ffns, layer_kind, refuse_fused_experts
+from .ffn import FFN, FFNSpec, layer_kind, refuse_fused_experts, selected_ffns
 from .kernels import KERNEL_SOURCE, backend, gated_down, gather_matmul, input_sparse_down, scatter_matmul
 
 __all__ = ["INFERENCE_MODES", "SparseGatedFFN", "SparseInferenceConfig", "SparseInputConv1D", "SparseInputConv2d",
@@ -440,13 +441,15 @@ class SparseInferenceConfig:
         (`calibrate_max_active`, a second or so per shape, cached). exact_prefix: in predictor mode, the first
         positions of every sequence (read from the model call's ``position_ids`` or its KV cache) computed
         densely: the first token is the attention sink, and predicting its units ruins the tokens after it (see
-        `_positions`). specs: the FFN table `find_ffns` reads (default `FFN_SPECS`).
+        `_positions`). specs: the FFN table `find_ffns` reads (default `FFN_SPECS`). target_modules: the FFNs to
+        sparsify by module name (names or name endings, or one regex, as every config selects modules; None: all).
     """
 
     mode: str = "exact"
     max_active: float | str = "auto"
     exact_prefix: int = 1
     specs: tuple[FFNSpec, ...] | None = None
+    target_modules: str | tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in INFERENCE_MODES:
@@ -456,6 +459,7 @@ class SparseInferenceConfig:
         check_int("exact_prefix", self.exact_prefix, minimum=0)
         if self.specs is not None:
             object.__setattr__(self, "specs", tuple(self.specs))
+        object.__setattr__(self, "target_modules", check_targets("target_modules", self.target_modules))
 
 
 def sparsify_for_inference(model: nn.Module, config: SparseInferenceConfig = SparseInferenceConfig(),
@@ -471,7 +475,7 @@ def sparsify_for_inference(model: nn.Module, config: SparseInferenceConfig = Spa
     if any(isinstance(m, _CountsPaths) for m in model.modules()):
         raise ValueError("model already has sparse-inference FFNs (sparsify_for_inference was applied before)")
     mode, max_active, exact_prefix, specs = config.mode, config.max_active, config.exact_prefix, config.specs
-    ffns = find_ffns(model, specs)
+    ffns = selected_ffns(model, specs, config.target_modules)
     refuse_fused_experts(ffns, "sparsify_for_inference", _EXPERTS_REASON)
     _validate(model, ffns, mode, predictors, specs)
     calibrated: dict[tuple, tuple[float, bool]] = {}
