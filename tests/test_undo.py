@@ -26,7 +26,14 @@ from leanformer import (
     restore_activations,
     sparsify_for_inference,
 )
-from leanformer.sparsity import LowRankPredictor, find_ffns, inference_report
+from leanformer.sparsity import (
+    LowRankPredictor,
+    ThresholdConfig,
+    calibrate_thresholds,
+    find_ffns,
+    inference_report,
+    remove_thresholds,
+)
 
 
 def run(model: nn.Module, inputs) -> torch.Tensor:
@@ -110,3 +117,20 @@ def test_desparsify_of_a_copy_leaves_the_original_working():
     inference_report(model, reset=True)
     torch.testing.assert_close(run(model, inputs), expected, rtol=0, atol=0)
     assert inference_report(model)["model.layers.0.mlp"]["calls"]["dense"] == 1  # its first position: still exact
+
+
+@pytest.mark.parametrize("method", ["teal", "cats"])
+def test_remove_thresholds_undoes_calibrate_thresholds(method):
+    """TEAL (input thresholds on every Linear of the blocks) and CATS (FFN activation magnitudes), on LLaMA."""
+    torch.manual_seed(0)
+    model, inputs = FAMILIES["hf_llama"][0]()
+    model.eval()
+    before = snapshot(model, inputs)
+    ids = inputs["input_ids"]
+    calibrate_thresholds(model, [(ids[:, :-1], ids[:, 1:])], ThresholdConfig(method=method, sparsity=0.4,
+                                                                             allocation="uniform"))
+    assert snapshot(model, inputs)["modules"] != before["modules"]
+    assert_same(before, snapshot(remove_thresholds(model), inputs))
+    with pytest.raises(ValueError, match="no TEAL/CATS thresholds"):
+        remove_thresholds(model)
+

@@ -41,6 +41,7 @@ from .thresholds import (
     ThresholdConfig,
     ThresholdReport,
     calibrate_thresholds,
+    remove_thresholds,
     threshold_sparsity,
 )
 from .tune import best_decode_layout
@@ -100,6 +101,7 @@ __all__ = [
     "prosparse",
     "record_ffn_activity",
     "relufy",
+    "remove_thresholds",
     "restore_activations",
     "save_pretrained",
     "sparse_kernel_backend",

@@ -44,8 +44,8 @@ from ._batches import split_batch
 from .ffn import FFN, activation_paths, find_ffns
 
 __all__ = ["ALLOCATIONS", "METHODS", "InputSparseLinear", "MagnitudeThreshold", "ThresholdConfig",
-           "ThresholdReport", "calibrate_thresholds", "input_threshold_record", "set_input_threshold",
-           "threshold_sparsity", "thresholded"]
+           "ThresholdReport", "calibrate_thresholds", "input_threshold_record", "remove_thresholds",
+           "set_input_threshold", "threshold_sparsity", "thresholded"]
 
 METHODS = ("teal", "cats")
 ALLOCATIONS = ("greedy", "uniform")
@@ -330,14 +330,30 @@ def _set_level(model: nn.Module, groups: dict[str, _Group], keys: list[str], lev
             setattr(parent, attr, own if threshold is None or threshold < 0 else thresholded(own, threshold))
 
 
-def _clear(model: nn.Module) -> None:
-    """Remove thresholds a previous calibration set, so magnitudes are measured on the dense model."""
-    for path in input_threshold_record(model):
+def _clear(model: nn.Module) -> bool:
+    """Remove thresholds a previous calibration set, so magnitudes are measured on the dense model; whether there
+    were any."""
+    paths = list(input_threshold_record(model))
+    for path in paths:
         set_input_threshold(model, path, None)
+    found = bool(paths)
     for module in list(model.modules()):
         for attr, child in list(module.named_children()):
             if is_thresholded(child):
                 setattr(module, attr, child[0])
+                found = True
+    return found
+
+
+def remove_thresholds(model: nn.Module) -> nn.Module:
+    """Undo `calibrate_thresholds`, in place; return ``model``: plain Linears and FFN activations again (the same
+    parameters), and a Hugging Face config without the thresholds' record. ValueError if none was set."""
+    if not _clear(model):
+        raise ValueError(f"{type(model).__name__} has no TEAL/CATS thresholds to remove")
+    from .pretrained import sync_hf_config  # imported here: pretrained builds on this module
+
+    sync_hf_config(model)
+    return model
 
 
 def _mean_loss(model: nn.Module, batches: Iterable, loss_fn: Callable) -> float:
