@@ -36,6 +36,7 @@ class PositionTracker:
 
     def __init__(self, model: nn.Module):
         self.positions: torch.Tensor | None = None
+        self._masks: dict[tuple, torch.Tensor | None] = {}  # `below`'s answers in this call: every FFN asks alike
         self._handles = (model.register_forward_pre_hook(self._enter, with_kwargs=True),
                          model.register_forward_hook(self._leave, always_call=True))
 
@@ -44,20 +45,23 @@ class PositionTracker:
         if not torch.is_tensor(positions):
             length = _sequence_length(args, kwargs)
             positions = None if length is None else (torch.arange(length) + _cache_length(kwargs))[None]
-        self.positions = positions
+        self.positions, self._masks = positions, {}
 
     def _leave(self, module: nn.Module, args: tuple, output) -> None:
-        self.positions = None
+        self.positions, self._masks = None, {}
 
     def below(self, limit: int, shape: torch.Size, device: torch.device) -> torch.Tensor | None:
         """Flat bool mask over the tokens of hidden states shaped ``shape`` + (features,): those at a position
         below ``limit``; None when the positions are unknown (the layer was called outside the model)."""
         if self.positions is None or len(shape) != 2:
             return None
-        try:
-            return (self.positions < limit).to(device).expand(shape).reshape(-1)
-        except RuntimeError:  # positions that do not match this layer's tokens (a model that reshapes them)
-            return None
+        key = (limit, tuple(shape), device)
+        if key not in self._masks:
+            try:
+                self._masks[key] = (self.positions < limit).to(device).expand(shape).reshape(-1)
+            except RuntimeError:  # positions that do not match this layer's tokens (a model that reshapes them)
+                self._masks[key] = None
+        return self._masks[key]
 
     def remove(self) -> None:
         for handle in self._handles:
