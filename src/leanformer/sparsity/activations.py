@@ -21,8 +21,7 @@ import torch
 import torch.nn as nn
 
 from .._checks import check_int, check_real
-from .._targets import check_targets
-from .ffn import FFNSpec, find_ffns, selected_ffns
+from .ffn import FFNSpec, check_ffn_selection, find_ffns, selected_ffns
 
 __all__ = ["RELUFY_ACTIVATIONS", "FATReLU", "ReLUConfig", "TopK", "TopKConfig", "apply_topk", "is_topk_wrapped",
            "relufy", "restore_activations", "topk_wrapped"]
@@ -80,17 +79,6 @@ class TopK(nn.Module):
         return f"k={self.k}" if self.dim == -1 else f"k={self.k}, dim={self.dim}"
 
 
-def _specs(specs: Iterable[FFNSpec] | None) -> tuple[FFNSpec, ...] | None:
-    """A config's FFN table as a tuple (frozen configs hold no lists), each entry checked to be an `FFNSpec`."""
-    if specs is None:
-        return None
-    specs = tuple(specs)
-    wrong = [type(s).__name__ for s in specs if not isinstance(s, FFNSpec)]
-    if wrong:
-        raise ValueError(f"specs: expected FFNSpec entries (see leanformer.sparsity.FFN_SPECS), got {wrong[:3]}")
-    return specs
-
-
 @dataclass(frozen=True)
 class ReLUConfig:
     """What `relufy` sets: ``activation`` "relu", or "fatrelu" with its ``threshold`` (ProSparse's t = 0.01), in
@@ -109,8 +97,7 @@ class ReLUConfig:
         if self.activation == "relu" and self.threshold != 0:
             raise ValueError(f"threshold={self.threshold!r} applies only to activation='fatrelu' (ReLU's threshold "
                              "is 0)")
-        object.__setattr__(self, "specs", _specs(self.specs))
-        object.__setattr__(self, "target_modules", check_targets("target_modules", self.target_modules))
+        check_ffn_selection(self)
 
 
 @dataclass(frozen=True)
@@ -124,8 +111,7 @@ class TopKConfig:
 
     def __post_init__(self) -> None:
         check_int("k", self.k, minimum=1)
-        object.__setattr__(self, "specs", _specs(self.specs))
-        object.__setattr__(self, "target_modules", check_targets("target_modules", self.target_modules))
+        check_ffn_selection(self)
 
 
 def relufy(model: nn.Module, config: ReLUConfig = ReLUConfig()) -> nn.Module:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.utils.hooks import RemovableHandle
 
 from .._projections import SUPPORTED_LAYERS, LayerKind, layer_kind
-from .._targets import selects
+from .._targets import check_targets, selects
 
 __all__ = ["FFN", "FFN_SPECS", "ExpertRows", "FFNSpec", "LayerKind", "activation_paths", "find_ffns", "layer_kind",
            "refuse_fused_experts", "structural_spec"]
@@ -467,6 +467,19 @@ _ACTIVATION_HOMES = ("torch.nn.modules.activation", "transformers.activations", 
                      "timm.layers.activations_me", "leanformer.sparsity.activations")
 _NOT_ACTIVATIONS = ("Softmax", "Softmin", "LogSoftmax", "Softmax2d", "MultiheadAttention", "TopK")
 
+
+
+def check_ffn_selection(config: object) -> None:
+    """Validate and normalise, in place on a frozen config, the two fields every FFN transform's config has:
+    ``specs`` (a tuple of `FFNSpec`, or None for `FFN_SPECS`) and ``target_modules`` (see `leanformer._targets`)."""
+    specs = config.specs
+    if specs is not None:
+        specs = tuple(specs)
+        wrong = [type(s).__name__ for s in specs if not isinstance(s, FFNSpec)]
+        if wrong:
+            raise ValueError(f"specs: expected FFNSpec entries (see leanformer.sparsity.FFN_SPECS), got {wrong[:3]}")
+    object.__setattr__(config, "specs", specs)
+    object.__setattr__(config, "target_modules", check_targets("target_modules", config.target_modules))
 
 
 def selected_ffns(model: nn.Module, specs: Iterable[FFNSpec] | None,

@@ -40,12 +40,11 @@ import torch.nn.functional as F
 
 from .._checks import check_int, is_real
 from .._native import source_digest
-from .._targets import check_targets
 from .._timing import time_interleaved
 from .._tuning import tuned
 from ._positions import PositionTracker
 from .activations import FATReLU, TopK
-from .ffn import FFN, FFNSpec, layer_kind, refuse_fused_experts, selected_ffns
+from .ffn import FFN, FFNSpec, check_ffn_selection, layer_kind, refuse_fused_experts, selected_ffns
 from .kernels import KERNEL_SOURCE, backend, gated_down, gather_matmul, input_sparse_down, scatter_matmul
 
 __all__ = ["INFERENCE_MODES", "SparseGatedFFN", "SparseInferenceConfig", "SparseInputConv1D", "SparseInputConv2d",
@@ -457,9 +456,7 @@ class SparseInferenceConfig:
         if self.max_active != "auto" and not (is_real(self.max_active) and 0 <= self.max_active <= 1):
             raise ValueError(f"max_active={self.max_active!r}: expected 'auto' or a fraction in [0, 1]")
         check_int("exact_prefix", self.exact_prefix, minimum=0)
-        if self.specs is not None:
-            object.__setattr__(self, "specs", tuple(self.specs))
-        object.__setattr__(self, "target_modules", check_targets("target_modules", self.target_modules))
+        check_ffn_selection(self)
 
 
 def sparsify_for_inference(model: nn.Module, config: SparseInferenceConfig = SparseInferenceConfig(),
