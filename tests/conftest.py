@@ -15,10 +15,33 @@ import pytest
 import torch
 from safetensors import safe_open
 
+if not torch.cuda.is_available():
+    # Triton's interpreter runs the GPU kernels on CPU tensors; it is read when a kernel module is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FIXTURES = SHARED / "fixtures"
 # real processes run single-threaded: two of them share this machine's cores, and their sums reduce alike
 PROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` run on a machine with a CUDA GPU and are skipped elsewhere."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def triton_on_cpu(monkeypatch):
+    """Send CPU tensors through the Triton kernels (run by the interpreter) for the duration of a test."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
+    pytest.importorskip("triton")
+    monkeypatch.setenv("LEANFORMER_TRITON", "cpu")
 
 
 def free_port() -> int:
