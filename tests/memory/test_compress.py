@@ -64,6 +64,28 @@ def test_forward_is_exact_and_gradients_are_close(build):
     assert compare(model, x, CompressionConfig(bits=4)) < 0.25
 
 
+@pytest.mark.parametrize("compressed", [False, True])
+def test_a_freed_saved_tensor_does_not_hide_a_later_one_at_its_address(compressed):
+    """Graphs dropped during the block free their saved tensors; a later tensor (or compressed copy) may reuse the
+    address (or id): it must be counted, not taken for the freed one."""
+
+    class DropsGraphs(nn.Module):
+        def forward(self, x):
+            for scale in range(1, 6):
+                kept = torch.sin(x * scale)  # sin saves x * scale; the graph (and what it saved) is freed at once
+                del kept
+            return x.sum()
+
+    model = DropsGraphs()
+    if compressed:
+        model = compress_activations(model, CompressionConfig(bits=8, ops=("other",), range="batch"))
+    x = torch.randn(64, 256, requires_grad=True)
+    with saved_activation_bytes(model) as report:
+        model(x)
+    assert report.tensors == 5
+    assert report.original_bytes == 5 * x.numel() * 4
+
+
 def test_saved_bytes_shrink_with_bits():
     model = tiny_swin().train()
     x = torch.randn(4, 3, 32, 32)
@@ -322,3 +344,43 @@ def test_copying_one_block_of_a_compressed_model_copies_that_block_only():
     assert id(model) not in memo and id(model.head) not in memo
     x = torch.randn(2, 8, 8, 32)
     torch.testing.assert_close(block(x), model.layers[0].blocks[0](x), atol=0, rtol=0)
+
+
+# -- the Triton kernels (the GPU path), run on CPU tensors by Triton's interpreter ----------------------------------
+
+
+def _channels_last_net() -> tuple[nn.Module, torch.Tensor]:
+    net = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.GELU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(8, 4, 1)).to(memory_format=torch.channels_last)
+    return net, torch.randn(2, 8, 12, 12).to(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("family", ["swin", "channels_last", "hf_llama"])
+def test_triton_kernels_train_like_the_reference(family, triton_on_cpu, monkeypatch):
+    """Nearest rounding: the Triton path stores the same codes as the PyTorch reference, so gradients and the saved
+    bytes report agree; stochastic rounding keeps gradients as close to exact as on the CPU."""
+    torch.manual_seed(0)
+    if family == "swin":
+        model, inputs, pick = tiny_swin().train(), torch.randn(2, 3, 32, 32), lambda out: out
+    elif family == "channels_last":
+        (model, inputs), pick = _channels_last_net(), lambda out: out
+    else:
+        model, inputs, pick, _ = _hf_llama()
+    loss_fn = lambda out: pick(out).float().pow(2).mean()
+    nearest = CompressionConfig(bits=4, rounding="nearest", min_numel=16)
+
+    def run(config: CompressionConfig) -> tuple[dict, float]:
+        compressed = compress_activations(copy.deepcopy(model), config)
+        with saved_activation_bytes(compressed) as report:
+            grads = grads_of(compressed, inputs, loss_fn)
+        return grads, report.ratio
+
+    got, got_ratio = run(nearest)
+    with monkeypatch.context() as reference:
+        reference.setenv("LEANFORMER_TRITON", "0")
+        reference.setenv("LEANFORMER_NATIVE", "0")
+        want, want_ratio = run(nearest)
+    assert got.keys() == want.keys()
+    assert relative_error(got, want) < 1e-5
+    assert got_ratio == want_ratio < 0.5
+    assert compare(model, inputs, CompressionConfig(bits=8, min_numel=16), loss_fn) < 0.03

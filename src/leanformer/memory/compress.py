@@ -28,7 +28,6 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
-from .. import _native
 from .._targets import check_targets, selects
 from . import quantize as Q
 from ._tracking import ModuleTracker
@@ -251,7 +250,7 @@ class ActivationCompressor:
         report = active_report()
         if report is not None and storage_key(x) not in self._params:
             nbytes = x.untyped_storage().nbytes()
-            report.record(module, ("raw", storage_key(x)), nbytes, nbytes)
+            report.record(module, ("raw", storage_key(x)), nbytes, nbytes, x.untyped_storage())
         return _Stored("raw", x)
 
     def pack(self, x: torch.Tensor) -> _Stored:
@@ -285,7 +284,7 @@ class ActivationCompressor:
             self._cache[key] = (weakref.ref(x), stored)
         report = active_report()
         if report is not None:
-            report.record(module_name, ("stored", id(stored)), nbytes, x.numel() * x.element_size())
+            report.record(module_name, ("stored", id(stored)), nbytes, x.numel() * x.element_size(), stored)
         return stored
 
     def _quantize(self, x: torch.Tensor, site: tuple) -> _Stored | None:
@@ -322,8 +321,8 @@ class ActivationCompressor:
 
     def _noise_pool(self, device: torch.device) -> torch.Tensor | None:
         """Uniform noise read at random offsets for stochastic rounding: much cheaper than fresh draws.
-        None where the compiled kernels run (they make their own noise)."""
-        if device.type == "cpu" and _native.kernels(Q.KERNEL_SOURCE) is not None:
+        None where fused kernels run (they make their own noise)."""
+        if Q.makes_own_noise(device):
             return None
         if device not in self._pools:
             self._pools[device] = Q.make_noise_pool(device, self._generator(device))

@@ -9,6 +9,7 @@ at their compressed size (the compressor reports them here, since its own hooks 
 from __future__ import annotations
 
 import contextvars
+import weakref
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,13 +30,16 @@ class SavedActivationReport:
     tensors: int = 0
     per_module: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(lambda: {"stored": 0,
                                                                                               "original": 0}))
-    _seen: set = field(default_factory=set, repr=False)
+    _seen: dict = field(default_factory=dict, repr=False)
 
-    def record(self, module: str, key, stored: int, original: int) -> None:
-        """Count one kept object; `key` identifies it (a storage, a compressed copy) so it counts once."""
-        if key in self._seen:
+    def record(self, module: str, key, stored: int, original: int, owner: object) -> None:
+        """Count one kept object once: `key` identifies it (a storage's address, a compressed copy's id) while
+        `owner` (the storage, the compressed copy) lives. Once the owner is freed, a new object may reuse its
+        address or id: it is counted anew, not taken for the freed one."""
+        seen = self._seen.get(key)
+        if seen is not None and seen() is not None:
             return
-        self._seen.add(key)
+        self._seen[key] = weakref.ref(owner)
         self.stored_bytes += stored
         self.original_bytes += original
         self.tensors += 1
@@ -89,7 +93,7 @@ def saved_activation_bytes(model: nn.Module | None = None) -> Iterator[SavedActi
         if not is_param:
             nbytes = x.untyped_storage().nbytes()
             module = tracker.current[0] if tracker is not None else ""
-            report.record(module, ("raw", storage_key(x)), nbytes, nbytes)
+            report.record(module, ("raw", storage_key(x)), nbytes, nbytes, x.untyped_storage())
         return x
 
     token = _active_report.set(report)

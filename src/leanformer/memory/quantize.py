@@ -12,10 +12,11 @@ bf16 and fp16 inputs; statistics are fp32. On CPU the element-wise work is done 
 elements so that temporaries stay in cache and are not fresh page-faulted allocations (about 3x faster than
 whole-tensor temporaries on the benchmark shape); on GPU the whole tensor is one chunk.
 
-On CPU the three passes (``group_minmax``, ``quantize``, ``dequantize``) use fused compiled kernels when
-they can be built (``leanformer._native``; ``csrc/quantize.cpp``): one pass over memory each, stochastic
-rounding from a counter-based hash instead of drawn noise. The PyTorch code below is the reference they are
-tested against and the fallback everywhere else (GPU, no compiler, ``LEANFORMER_NATIVE=0``).
+The three passes (``group_minmax``, ``quantize``, ``dequantize``) and the 1-bit masks use fused kernels where
+they apply: compiled C++ on the CPU when it can be built (``leanformer._native``; ``csrc/quantize.cpp``), Triton on
+CUDA tensors (``_triton.py``; see ``leanformer._gpu``). Each is one pass over memory, with stochastic rounding from
+counter-based noise instead of drawn noise. The PyTorch code below is the reference they are tested against and
+the fallback everywhere else (no compiler, no Triton, ``LEANFORMER_NATIVE=0``, ``LEANFORMER_TRITON=0``).
 
 Non-finite values: ``group_minmax`` propagates NaN/inf into the statistics of the group that holds them, and
 the codes of such a group are meaningless (but never disturb other groups). Callers keep such tensors exact,
@@ -30,7 +31,7 @@ from typing import NamedTuple
 
 import torch
 
-from .. import _native
+from .. import _gpu, _native
 
 KERNEL_SOURCE = Path(__file__).parent / "csrc" / "quantize.cpp"  # the compiled fast path of this module
 
@@ -44,6 +45,7 @@ __all__ = [
     "group_minmax",
     "group_reduce_dims",
     "make_noise_pool",
+    "makes_own_noise",
     "pack_bits",
     "pack_mask",
     "quantize",
@@ -127,15 +129,26 @@ def _layout(shape: torch.Size, group: GroupSpec) -> _Layout:
     return _Layout(group, numel, 1, ())
 
 
-def _native_kernels(x: torch.Tensor):
-    """The compiled kernels if they apply to x (a non-empty CPU tensor), else None."""
-    if x.device.type != "cpu" or x.numel() == 0:
+def _fused_kernels(x: torch.Tensor):
+    """The fused kernels that take x (non-empty): Triton's on CUDA, the compiled ones on the CPU; else None.
+    Both modules have the same functions with the same arguments."""
+    if x.numel() == 0:
         return None
-    return _native.kernels(KERNEL_SOURCE)
+    if _gpu.use_triton(x):
+        from . import _triton
+
+        return _triton
+    return _native.kernels(KERNEL_SOURCE) if x.device.type == "cpu" else None
 
 
-def _native_layout(shape: torch.Size, lay: _Layout) -> tuple[int, int, bool, int]:
-    """(rows, cols, per_col, period) for the compiled kernels: statistic index = col or row % period."""
+def makes_own_noise(device: torch.device) -> bool:
+    """True when quantising on ``device`` runs a fused kernel, which draws its own rounding noise (a noise pool
+    would go unused)."""
+    return _fused_kernels(torch.empty(1, device=device)) is not None
+
+
+def _kernel_layout(shape: torch.Size, lay: _Layout) -> tuple[int, int, bool, int]:
+    """(rows, cols, per_col, period) for the fused kernels: statistic index = col or row % period."""
     if isinstance(lay.group, int):
         return lay.rows, lay.cols, False, lay.rows
     if lay.group == "head":
@@ -181,9 +194,9 @@ def _minmax(x: torch.Tensor, lay: _Layout) -> tuple[torch.Tensor, torch.Tensor]:
     if x.numel() == 0:
         zeros = torch.zeros(lay.stats_shape, dtype=torch.float32, device=x.device)
         return zeros, zeros.clone()
-    kernels = _native_kernels(x)
+    kernels = _fused_kernels(x)
     if kernels is not None:
-        lo, hi = kernels.group_minmax(x.contiguous(), *_native_layout(x.shape, lay))
+        lo, hi = kernels.group_minmax(x.contiguous(), *_kernel_layout(x.shape, lay))
         return lo.view(lay.stats_shape), hi.view(lay.stats_shape)
     if isinstance(lay.group, int):
         xv = _working_view(x, lay)
@@ -297,10 +310,13 @@ def quantize(
     n_codes = lay.rows * lay.cols
     packed = torch.empty((n_codes * bits + 7) // 8, dtype=torch.uint8, device=x.device)
     clipped = torch.zeros((), dtype=torch.int64, device=x.device)
-    kernels = _native_kernels(x)
+    kernels = _fused_kernels(x)
     if kernels is not None:
-        seed = int(torch.randint(0, 2**31, (), generator=generator)) if stochastic else 0
-        count = kernels.quantize_pack(x, *_native_layout(x.shape, lay), lo.reshape(-1), step.reciprocal().reshape(-1),
+        # the seed stays on x's device: drawing it does not wait for the GPU
+        seed = torch.randint(0, 2**31, (1,), generator=generator, device=x.device) if stochastic else clipped
+        if x.device.type == "cpu":
+            seed = int(seed)
+        count = kernels.quantize_pack(x, *_kernel_layout(x.shape, lay), lo.reshape(-1), step.reciprocal().reshape(-1),
                                       bits, stochastic, seed, running and count_clipped, packed)
         clipped.fill_(count)
     elif n_codes:
@@ -358,10 +374,10 @@ def dequantize(q: QuantizedTensor) -> torch.Tensor:
     """Decode to a contiguous tensor of q.shape and q.dtype: lo + code * step per group (computed in fp32)."""
     lay = _layout(q.shape, q.group)
     device = q.packed.device
-    kernels = _native_kernels(q.packed)
+    kernels = _fused_kernels(q.packed)
     if kernels is not None and q.shape.numel():
-        out = torch.empty(q.shape, dtype=q.dtype)
-        kernels.unpack_dequantize(q.packed, *_native_layout(q.shape, lay), q.lo.reshape(-1), q.step.reshape(-1),
+        out = torch.empty(q.shape, dtype=q.dtype, device=device)
+        kernels.unpack_dequantize(q.packed, *_kernel_layout(q.shape, lay), q.lo.reshape(-1), q.step.reshape(-1),
                                   q.bits, out)
         return out
     out = torch.empty((lay.rows, lay.cols), dtype=q.dtype, device=device)
@@ -432,6 +448,10 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     """A bool tensor packed to 1 bit per value (ReLU-like ops only need the sign pattern to backpropagate)."""
     if mask.dtype != torch.bool:
         raise ValueError(f"mask must be bool, got dtype {mask.dtype}")
+    if _gpu.use_triton(mask):
+        from . import _triton
+
+        return _triton.pack_mask(mask.contiguous())
     flat = mask.reshape(-1).view(torch.uint8)
     out = torch.empty((flat.numel() + 7) // 8, dtype=torch.uint8, device=mask.device)
     _pack_into(flat, 1, out)
@@ -443,6 +463,10 @@ def unpack_mask(packed: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> to
     numel = torch.Size(shape).numel()
     if numel > packed.numel() * 8:
         raise ValueError(f"shape {tuple(shape)} needs {numel} bits, packed holds {packed.numel() * 8}")
+    if _gpu.use_triton(packed):
+        from . import _triton
+
+        return _triton.unpack_mask(packed, numel).view(shape)
     return _unpack(packed, 1, numel).view(torch.bool).view(shape)
 
 
