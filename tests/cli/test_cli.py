@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from leanformer.cli.main import main
 
@@ -70,6 +71,22 @@ def test_train_errors_are_one_line_with_exit_code_2(argv, message, tmp_path):
     proc = run_cli("train", "--output", str(tmp_path / "out"), *argv)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_train_on_cuda_without_a_gpu_is_a_one_line_error(tmp_path):
+    proc = run_cli("train", "--device", "cuda", "--output", str(tmp_path / "out"))
+    assert proc.returncode == 2 and "no CUDA GPU" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("compress", ["none", "int8"])
+def test_train_on_cuda(compress, tmp_path):
+    proc = run_cli("train", "--device", "cuda", "--compress", compress, "--img-size", "16", "--epochs", "1",
+                   "--batch-size", "64", "--no-progress", "--json", "--output", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["epochs_run"] == 1 and (tmp_path / "best" / "meta.json").is_file()
 
 
 def test_train_on_an_empty_folder_names_it(tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 from .._io import check_writable_dir, dumps_json
 from .._machine import check_fits_in_memory
 from ..data import digits
-from ..engine import CheckpointWriteError, load_checkpoint_folder, resolve_resume_folder, resume_run_folder
+from ..engine import DEVICES, CheckpointWriteError, load_checkpoint_folder, resolve_resume_folder, resume_run_folder
 from ..memory import COMPRESSION_PRESETS, CompressionConfig, compress_activations, saved_activation_bytes
 from ..models import is_model, model_entrypoint, weight_bytes
 from ..train import TrainConfig, Trainer
@@ -67,6 +67,9 @@ def add_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --output: its last/, best/ and result.json are deleted "
                    "before training starts (never while another process is writing them)")
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help="where to train: 'auto' is a CUDA GPU where there is one (one per torchrun process), else "
+                   "the CPU; 'cuda' without a GPU is an error")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     p.set_defaults(run=run)
@@ -165,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     check_training_fits(config)
     trainer = Trainer(config, output=output, transforms=compression(compress), progress=not args.no_progress,
                       overwrite=args.overwrite, settings={"compress": compress},
-                      activation_meter=saved_activation_bytes)
+                      activation_meter=saved_activation_bytes, device=args.device)
     result = fit(trainer, args.resume, output)
     if result.rank != 0:
         return 0

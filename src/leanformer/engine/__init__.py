@@ -12,11 +12,12 @@ from .checkpoint import (
     resume_run_folder,
     save_checkpoint,
 )
-from .distributed import DistContext, ShardedEpochSampler, process_group, shard
+from .distributed import DEVICES, DistContext, ShardedEpochSampler, process_group, shard
 from .loop import Callback, Checkpointing, FitResult, LoopConfig, check_resume, fit, train_step
 from .optim import build_optimizer, lr_at
 
 __all__ = [
+    "DEVICES",
     "Callback",
     "CheckpointWriteError",
     "Checkpointing",

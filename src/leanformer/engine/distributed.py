@@ -32,10 +32,25 @@ class DistContext:
         return self.world_size > 1
 
 
-def init_distributed() -> DistContext:
-    """Join the process group torchrun describes in the environment; a single process otherwise."""
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _wants_cuda(device: str) -> bool:
+    """"auto": CUDA where there is a GPU; "cuda" without one is an error (not a silent run on the CPU)."""
+    if device not in DEVICES:
+        raise ValueError(f"device={device!r}: expected one of {', '.join(DEVICES)}")
+    available = torch.cuda.is_available()
+    if device == "cuda" and not available:
+        raise ValueError("device='cuda' but no CUDA GPU is available here (torch.cuda.is_available() is False); "
+                         "use device 'cpu' or 'auto'")
+    return available and device != "cpu"
+
+
+def init_distributed(device: str = "auto") -> DistContext:
+    """Join the process group torchrun describes in the environment; a single process otherwise. ``device``:
+    "auto" (a GPU where there is one), "cpu" or "cuda" (one GPU per process, by torchrun's LOCAL_RANK)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
+    cuda = _wants_cuda(device)
     if world_size <= 1:
         return DistContext(device=torch.device("cuda" if cuda else "cpu"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -52,11 +67,12 @@ def shutdown_distributed(ctx: DistContext) -> None:
 
 
 @contextmanager
-def process_group() -> Iterator[DistContext]:
-    """This process's place in the torchrun group inside the block (a single process without torchrun). The
-    group is joined if it is not yet and then left at the end: nested blocks (a job calling `fit`) share it."""
+def process_group(device: str = "auto") -> Iterator[DistContext]:
+    """This process's place in the torchrun group inside the block (a single process without torchrun), on
+    ``device`` (see `init_distributed`). The group is joined if it is not yet and then left at the end: nested
+    blocks (a job calling `fit`) share it."""
     joined = dist.is_available() and dist.is_initialized()
-    ctx = init_distributed()
+    ctx = init_distributed(device)
     try:
         yield ctx
     finally:

@@ -89,8 +89,10 @@ class Trainer:
         callbacks: Sequence[Callback] = (),
         settings: Mapping[str, object] | None = None,
         activation_meter: Callable[[nn.Module], AbstractContextManager] | None = None,
+        device: str = "auto",
     ):
         self.config = config
+        self.device = device  # where to train ("auto", "cpu", "cuda"): not part of the run's identity
         self.settings, self.activation_meter = dict(settings or {}), activation_meter
         overlap = sorted(set(self.settings) & set(config.to_dict()))
         if overlap:
@@ -103,7 +105,7 @@ class Trainer:
         self.model: nn.Module | None = None  # the trained model, after fit
 
     def fit(self, resume: str | Path | None = None) -> TrainResult:
-        with process_group() as ctx, self._claim_output(ctx, resume):
+        with process_group(self.device) as ctx, self._claim_output(ctx, resume):
             return self._fit(ctx, resume)
 
     def _claim_output(self, ctx: DistContext, resume: str | Path | None):
