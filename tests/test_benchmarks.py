@@ -134,3 +134,14 @@ def test_prosparse_smollm2_benchmark_quick(tmp_path):
     assert len(predicted) == 2  # one per --recall
     assert all(v["computed_fraction"] <= variants["prosparse_exact"]["computed_fraction"] for v in predicted)
     assert {p.suffix for p in (tmp_path / "prosparse_smollm2").iterdir()} == {".json", ".png", ".md"}
+
+
+def test_gpu_check_runs_at_toy_sizes(tmp_path):
+    """The prepared GPU check (benchmarks/gpu/run.py) runs every part end to end; on the CPU its figures mean nothing."""
+    from benchmarks.gpu import run
+
+    assert run.main([str(tmp_path), "--smoke", "--warmup", "1", "--runs", "2"]) == 0
+    saved = json.loads((tmp_path / "gpu.json").read_text())
+    assert not saved["errors"] and {"training", "decoding", "adapters"} <= saved.keys()
+    assert (tmp_path / "summary.md").read_text().startswith("# leanformer GPU check")
+    assert (tmp_path / "gpu.png").stat().st_size > 0
