@@ -137,7 +137,7 @@ def test_prosparse_smollm2_benchmark_quick(tmp_path):
 
 
 def test_gpu_check_runs_at_toy_sizes(tmp_path):
-    """The prepared GPU check (benchmarks/gpu/run.py) runs every part end to end; on the CPU its figures mean nothing."""
+    """The prepared GPU check (benchmarks/gpu/run.py) runs every part end to end; on a CPU its figures mean nothing."""
     from benchmarks.gpu import run
 
     assert run.main([str(tmp_path), "--smoke", "--warmup", "1", "--runs", "2"]) == 0

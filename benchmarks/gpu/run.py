@@ -34,7 +34,6 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._common import machine_info  # noqa: E402
-
 from leanformer import create_model  # noqa: E402
 from leanformer._io import atomic_write  # noqa: E402
 from leanformer.memory import CompressionConfig, compress_activations  # noqa: E402

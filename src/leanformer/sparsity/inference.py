@@ -52,7 +52,8 @@ __all__ = ["INFERENCE_MODES", "SparseGatedFFN", "SparseInferenceConfig", "Sparse
 
 INFERENCE_MODES = ("exact", "predictor")
 _ELEMENTWISE = (nn.ReLU, FATReLU)
-_PATH_NAMES = {"native": "sparse-native", "torch": "sparse-torch"}  # as reported by inference_report
+# as reported by inference_report
+_PATH_NAMES = {"native": "sparse-native", "torch": "sparse-torch", "triton": "sparse-triton"}
 _CALIBRATION_FRACTIONS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
@@ -519,13 +520,14 @@ def desparsify(model: nn.Module) -> nn.Module:
 
 
 def inference_report(model: nn.Module, reset: bool = False) -> dict[str, dict]:
-    """Per sparse FFN module: its calls per path ("sparse-native", "sparse-torch", "dense"), the mean
+    """Per sparse FFN module: its calls per path ("sparse-native", "sparse-triton", "sparse-torch", "dense"), the mean
     fraction of hidden units computed, and its ``max_active``; ``reset`` then zeroes the counts."""
     report = {}
     for name, module in model.named_modules():
         if isinstance(module, _CountsPaths):
             calls = dict(module.calls)
-            computed, total = calls.pop("units_computed", 0), calls.pop("units_total", 0)
+            # the Triton path counts on the device (no synchronisation per call): read the sum here, once
+            computed, total = int(calls.pop("units_computed", 0)), calls.pop("units_total", 0)
             report[name] = {"calls": calls, "computed_fraction": computed / total if total else None,
                             "max_active": module.max_active}
             if reset:

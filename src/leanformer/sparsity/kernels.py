@@ -14,6 +14,9 @@ also say which backend ran, so a caller can report it without asking again:
     gated_down(x, a, up_weight, up_bias, wt, max_units)   == (a * up(x)) @ wt     given a = act(gate(x))
     input_sparse_down(h, wt, max_units)                    == h @ wt
 
+On CUDA tensors, at decoding batch sizes (up to `TRITON_MAX_TOKENS` tokens), the two tails run as Triton kernels
+(``_triton.py``) that mask the zero units' weights out of their loads; they never synchronise with the host, so
+they never refuse (their cost already scales with the active units) and report the count as a 0-d device tensor.
 The compiled CPU kernels (csrc/sparse_ffn.cpp) read each selected row once, in place; the PyTorch path
 (``index_select`` + matmul for the gather, ``embedding_bag`` with per-sample weights for the scatter) is the
 reference and the fallback for other devices, dtypes, autograd, or ``LEANFORMER_NATIVE=0``; ``native=False``
@@ -29,19 +32,22 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .._gpu import use_triton
 from .._native import kernels as _native_kernels
 
 KERNEL_SOURCE = Path(__file__).parent / "csrc" / "sparse_ffn.cpp"  # the compiled fast path of this module
+TRITON_MAX_TOKENS = 16  # the Triton kernels re-read weights per token: beyond decoding sizes, cuBLAS/torch wins
 
 __all__ = ["SparseCall", "active_units", "backend", "gated_down", "gather_matmul", "input_sparse_down",
            "scatter_matmul"]
 
 
 class SparseCall(NamedTuple):
-    """What a whole sparse FFN tail returned: the output (None when refused), the units active, the backend."""
+    """What a whole sparse FFN tail returned: the output (None when refused), the units active (a 0-d device tensor
+    from the Triton path, which does not synchronise to count), the backend."""
 
     out: torch.Tensor | None
-    count: int
+    count: int | torch.Tensor
     backend: str
 
 
@@ -106,6 +112,17 @@ def active_units(a: torch.Tensor) -> torch.Tensor:
     return (a != 0).any(0).nonzero().squeeze(1)
 
 
+def _triton_tail(*tensors: torch.Tensor) -> bool:
+    """Whether a sparse FFN tail takes the Triton kernels: CUDA tensors, no autograd, decoding batch sizes."""
+    if tensors[0].shape[0] > TRITON_MAX_TOKENS or not use_triton(*tensors):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def _active_count(a: torch.Tensor) -> torch.Tensor:
+    return (a != 0).any(0).sum()
+
+
 def gated_down(x: torch.Tensor, a: torch.Tensor, up_weight: torch.Tensor, up_bias: torch.Tensor | None,
                weight_t: torch.Tensor, max_units: int, threshold: float | None = None, native: bool = True
                ) -> SparseCall:
@@ -115,6 +132,13 @@ def gated_down(x: torch.Tensor, a: torch.Tensor, up_weight: torch.Tensor, up_bia
     With ``threshold``, ``a`` is the gate's output before a FATReLU/ReLU at that threshold, which is applied
     here (fused: one pass over ``a`` fewer, one tensor fewer at batch 1).
     """
+    if _triton_tail(x, a, up_weight, weight_t):
+        from . import _triton
+
+        if threshold is not None:
+            a = a.masked_fill(a < threshold, 0)
+        h = _triton.rows_product(x, up_weight, a, up_bias)
+        return SparseCall(_triton.cols_product(h, weight_t), _active_count(a), "triton")
     if backend(x, a, up_weight, weight_t, native=native) == "native" and (
             up_bias is None or up_bias.dtype == torch.float32):
         out, count = _native_kernels(KERNEL_SOURCE).gated_down(
@@ -136,6 +160,10 @@ def gated_down(x: torch.Tensor, a: torch.Tensor, up_weight: torch.Tensor, up_bia
 def input_sparse_down(h: torch.Tensor, weight_t: torch.Tensor, max_units: int, native: bool = True) -> SparseCall:
     """``h @ weight_t`` over the units nonzero for some token of ``h`` (tokens, units); ``out`` is None if
     more than ``max_units`` are."""
+    if _triton_tail(h, weight_t):
+        from . import _triton
+
+        return SparseCall(_triton.cols_product(h, weight_t), _active_count(h), "triton")
     if backend(h, weight_t, native=native) == "native":
         out, count = _native_kernels(KERNEL_SOURCE).input_sparse_down(h.contiguous(), weight_t.contiguous(), max_units)
         return SparseCall(out, count, "native")
