@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._gpu import use_triton
 from .._projections import SUPPORTED_LAYERS, layer_kind
 from .config import SMoRAConfig
 
@@ -252,7 +253,12 @@ class SMoRALinear(nn.Module):
 
 def gather_adapter(h: torch.Tensor, b: torch.Tensor, ranks: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
     """B[:, ranks] (gates * h[ranks]) per token, h = A x for every rank: only the active ranks' columns of B,
-    summed with `embedding_bag` (its per-sample weights carry gates * h)."""
+    summed with `embedding_bag` (its per-sample weights carry gates * h). On CUDA tensors: one fused Triton kernel
+    each way (``_triton.py``)."""
+    if use_triton(h, b):
+        from . import _triton
+
+        return _triton.gather_adapter(h, b, ranks, gates)
     weights = h.gather(-1, ranks) * gates
     return F.embedding_bag(ranks, b.t().contiguous(), per_sample_weights=weights.to(b.dtype), mode="sum")
 
