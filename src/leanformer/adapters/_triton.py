@@ -4,10 +4,12 @@ Per token t, with its k active ranks r_j and gates g_j (SMoRA, Zhao et al. 2025)
 
     delta[t] = sum_j g_j * h[t, r_j] * B[:, r_j]          h = A x for all ranks
 
-One kernel computes it (reading only the k active columns of B per token), one computes its whole backward: the
-gradients of h (at the active ranks), of the gates and of B (accumulated with atomic adds, in fp32). h = A x itself
-stays one dense product, computed together with the router's logits: on a GPU a single tensor-core GEMM that
-reads x once costs less than re-reading k rows of A for every token. Sums are fp32; outputs take B's dtype.
+One kernel computes it (reading only the k active columns of B per token), one the gradients of h (at the active
+ranks) and of the gates. B's gradient, sum over tokens of grad[t] x (g_j * h[t, r_j]) at column r_j, is one dense
+product of grad with the per-token weights scattered into (tokens, r): a tensor-core GEMM beats tokens x k x out
+atomic adds. h = A x itself stays one dense product, computed together with the router's logits: on a GPU a single
+GEMM that reads x once costs less than re-reading k rows of A for every token. Sums are fp32; outputs take B's
+dtype.
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ def _forward_kernel(h_ptr, bt_ptr, ranks_ptr, gates_ptr, out_ptr, r, k, outputs,
 
 
 @triton.jit
-def _backward_kernel(grad_ptr, h_ptr, bt_ptr, ranks_ptr, gates_ptr, grad_h_ptr, grad_gates_ptr, grad_bt_ptr, r, k,
-                     outputs, NEED_B: tl.constexpr, BLOCK_O: tl.constexpr):
+def _backward_kernel(grad_ptr, h_ptr, bt_ptr, ranks_ptr, gates_ptr, grad_h_ptr, grad_gates_ptr, r, k, outputs,
+                     BLOCK_O: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     for j in range(k):
         rank = tl.load(ranks_ptr + t * k + j)
@@ -46,8 +48,6 @@ def _backward_kernel(grad_ptr, h_ptr, bt_ptr, ranks_ptr, gates_ptr, grad_h_ptr, 
             o_ok = o < outputs
             g = tl.load(grad_ptr + t * outputs + o, mask=o_ok, other=0.0).to(tl.float32)
             dot += g * tl.load(bt_ptr + rank * outputs + o, mask=o_ok, other=0.0).to(tl.float32)
-            if NEED_B:
-                tl.atomic_add(grad_bt_ptr + rank * outputs + o, g * (hv * gate), mask=o_ok)
         gw = tl.sum(dot, axis=0)
         tl.atomic_add(grad_h_ptr + t * r + rank, gw * gate)  # a rank used twice by one token adds up
         tl.store(grad_gates_ptr + t * k + j, gw * hv)
@@ -72,15 +72,18 @@ class _GatherAdapter(torch.autograd.Function):
         h, bt, ranks, gates = ctx.saved_tensors
         tokens, r = h.shape
         k, outputs = ranks.shape[1], bt.shape[1]
-        need_b = ctx.needs_input_grad[1]
+        grad = grad.contiguous()
         grad_h = torch.zeros(tokens, r, dtype=torch.float32, device=h.device)
         grad_gates = torch.empty(tokens, k, dtype=torch.float32, device=h.device)
-        grad_bt = torch.zeros(bt.shape if need_b else (1,), dtype=torch.float32, device=h.device)
         if tokens and k:
-            _backward_kernel[(tokens,)](grad.contiguous(), h, bt, ranks, gates, grad_h, grad_gates, grad_bt, r, k,
-                                        outputs, NEED_B=need_b, BLOCK_O=_BLOCK_OUT)
-        return (grad_h.to(h.dtype) if ctx.needs_input_grad[0] else None,
-                grad_bt.t().to(bt.dtype) if need_b else None, None,
+            _backward_kernel[(tokens,)](grad, h, bt, ranks, gates, grad_h, grad_gates, r, k, outputs,
+                                        BLOCK_O=_BLOCK_OUT)
+        grad_b = None
+        if ctx.needs_input_grad[1]:
+            weights = h.gather(1, ranks).float() * gates.float()
+            dense = torch.zeros(tokens, r, dtype=torch.float32, device=h.device).scatter_add_(1, ranks, weights)
+            grad_b = (grad.t().float() @ dense).to(bt.dtype)  # (out, r), B's own shape
+        return (grad_h.to(h.dtype) if ctx.needs_input_grad[0] else None, grad_b, None,
                 grad_gates.to(gates.dtype) if ctx.needs_input_grad[3] else None)
 
 
