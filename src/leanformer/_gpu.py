@@ -9,12 +9,14 @@ the kernels, and the code paths that call them, on a machine without a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Callable
 
 import torch
 
-__all__ = ["triton_available", "use_triton"]
+__all__ = ["on_input_device", "triton_available", "use_triton"]
 
 
 @functools.cache
@@ -36,3 +38,15 @@ def use_triton(*tensors: torch.Tensor) -> bool:
         return False
     wanted = ("cuda", "cpu") if switch == "cpu" else ("cuda",)
     return all(t.device.type in wanted for t in tensors) and triton_available()
+
+
+def on_input_device(launch: Callable) -> Callable:
+    """Run ``launch(tensor, ...)`` with its first argument's CUDA device current: Triton launches on the current
+    device, and a model spread over GPUs hands over tensors on cuda:1 while cuda:0 is current."""
+
+    @functools.wraps(launch)
+    def wrapped(first: torch.Tensor, *args, **kwargs):
+        with torch.cuda.device(first.device) if first.is_cuda else contextlib.nullcontext():
+            return launch(first, *args, **kwargs)
+
+    return wrapped

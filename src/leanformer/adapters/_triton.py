@@ -17,6 +17,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+from .._gpu import on_input_device
 
 _BLOCK_OUT = 128
 
@@ -68,6 +71,7 @@ class _GatherAdapter(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the kernels are not themselves differentiable: a double backward must fail, not be wrong
     def backward(ctx, grad: torch.Tensor):
         h, bt, ranks, gates = ctx.saved_tensors
         tokens, r = h.shape
@@ -87,6 +91,7 @@ class _GatherAdapter(torch.autograd.Function):
                 grad_gates.to(gates.dtype) if ctx.needs_input_grad[3] else None)
 
 
+@on_input_device
 def gather_adapter(h: torch.Tensor, b: torch.Tensor, ranks: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
     """``sum_j gates[t, j] * h[t, ranks[t, j]] * b[:, ranks[t, j]]`` per token t: (tokens, out) in b's dtype."""
     return _GatherAdapter.apply(h, b, ranks, gates)

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._gpu import on_input_device
+
 _SLACK = 1e-3  # values within this fraction of a step outside the range are rounding noise, not clipping
 _BYTES_PER_PROGRAM = 1024
 _MINMAX_BLOCK = 1024  # elements per program (row groups: one piece of a long row, or several short rows)
@@ -81,6 +83,7 @@ def _with_nan(lo: torch.Tensor, hi: torch.Tensor, nans: torch.Tensor) -> tuple[t
     return lo.masked_fill_(bad, float("nan")), hi.masked_fill_(bad, float("nan"))
 
 
+@on_input_device
 def group_minmax(x: torch.Tensor, rows: int, cols: int, per_col: bool, period: int
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group (lo, hi) of a contiguous x viewed as (rows, cols): ``cols`` statistics if per_col, else ``period``."""
@@ -134,6 +137,7 @@ def _quantize_pack_kernel(x_ptr, lo_ptr, inv_ptr, seed_ptr, out_ptr, clipped_ptr
     tl.store(out_ptr + byte, packed.to(tl.uint8), mask=byte < n_bytes)
 
 
+@on_input_device
 def quantize_pack(x: torch.Tensor, rows: int, cols: int, per_col: bool, period: int, lo: torch.Tensor,
                   inv_step: torch.Tensor, bits: int, stochastic: bool, seed: torch.Tensor | int, count_clipped: bool,
                   out: torch.Tensor) -> torch.Tensor:
@@ -165,6 +169,7 @@ def _unpack_dequantize_kernel(packed_ptr, lo_ptr, step_ptr, out_ptr, numel, cols
     tl.store(out_ptr + e, (lo + code.to(tl.float32) * step).to(out_ptr.dtype.element_ty), mask=valid)
 
 
+@on_input_device
 def unpack_dequantize(packed: torch.Tensor, rows: int, cols: int, per_col: bool, period: int, lo: torch.Tensor,
                       step: torch.Tensor, bits: int, out: torch.Tensor) -> None:
     """Decode the first ``out.numel()`` codes of ``packed`` into the contiguous ``out``."""
@@ -183,6 +188,7 @@ def _pack_mask_kernel(mask_ptr, out_ptr, numel, n_bytes, BLOCK: tl.constexpr):
     tl.store(out_ptr + byte, packed.to(tl.uint8), mask=byte < n_bytes)
 
 
+@on_input_device
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     """A contiguous bool tensor as ceil(numel / 8) bytes, first value in the low bit."""
     flat = mask.reshape(-1).view(torch.uint8)
@@ -201,6 +207,7 @@ def _unpack_mask_kernel(packed_ptr, out_ptr, numel, BLOCK: tl.constexpr):
     tl.store(out_ptr + e, ((byte >> (e % 8).to(tl.int32)) & 1).to(tl.uint8), mask=valid)
 
 
+@on_input_device
 def unpack_mask(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """The first ``numel`` bits of ``packed`` as a flat bool tensor."""
     out = torch.empty(numel, dtype=torch.uint8, device=packed.device)

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._gpu import on_input_device
+
 _BLOCK_ROWS, _BLOCK_IN = 32, 128  # rows_product: units per program, inputs per step
 _BLOCK_UNITS, _BLOCK_OUT = 32, 128  # cols_product: units per step, outputs per program
 
@@ -60,6 +62,7 @@ def _cols_kernel(h_ptr, w_ptr, out_ptr, units, outputs, BLOCK_U: tl.constexpr, B
     tl.store(out_ptr + t * outputs + o, acc.to(out_ptr.dtype.element_ty), mask=o_ok)
 
 
+@on_input_device
 def rows_product(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
                  ) -> torch.Tensor:
     """(tokens, units) = scale * (x @ weight.T + bias), reading only the rows of units whose scale is nonzero."""
@@ -74,6 +77,7 @@ def rows_product(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bia
     return out
 
 
+@on_input_device
 def cols_product(h: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
     """(tokens, out) = h @ weight_t, reading only the rows of ``weight_t`` (units, out) whose h is nonzero."""
     h, weight_t = h.contiguous(), weight_t.contiguous()
