@@ -101,3 +101,24 @@ def test_the_ffn_tails_on_cuda(dtype):
     torch.testing.assert_close(call.out.float(), want, atol=3e-2, rtol=3e-2)
     call = input_sparse_down(a, down_t, max_units=1536)
     torch.testing.assert_close(call.out.float(), a.float() @ down_t.float(), atol=3e-2, rtol=3e-2)
+
+
+def test_max_active_zero_still_means_dense_on_the_triton_path(triton_on_cpu):
+    """``max_units == 0`` (max_active=0: sparse never pays) refuses without a sync; any other limit is not compared."""
+    g = torch.Generator().manual_seed(5)
+    x, a = torch.randn(1, 12, generator=g), torch.randn(1, 9, generator=g).relu()
+    up, down_t = torch.randn(9, 12, generator=g), torch.randn(9, 7, generator=g)
+    with torch.no_grad():
+        for call in (gated_down(x, a, up, None, down_t, max_units=0, threshold=0.0),
+                     input_sparse_down(a, down_t, max_units=0)):
+            assert call.out is None and call.backend == "triton" and int(call.count) == int((a != 0).sum())
+        assert input_sparse_down(a, down_t, max_units=1).out is not None  # not compared: no sync for it
+    torch.manual_seed(0)
+    model, _ = tiny_llama()
+    relufy(model, ReLUConfig("fatrelu", 0.05)).eval()
+    ids = torch.randint(0, 50, (1, 1))
+    with torch.no_grad():
+        dense = model(ids).logits
+        always_dense = sparsify_for_inference(copy.deepcopy(model), SparseInferenceConfig(max_active=0.0))
+        torch.testing.assert_close(always_dense(ids).logits, dense, atol=2e-5, rtol=1e-4)
+    assert all(r["calls"] == {"dense": 1} for r in inference_report(always_dense).values())

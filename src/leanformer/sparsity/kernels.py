@@ -16,7 +16,9 @@ also say which backend ran, so a caller can report it without asking again:
 
 On CUDA tensors, at decoding batch sizes (up to `TRITON_MAX_TOKENS` tokens), the two tails run as Triton kernels
 (``_triton.py``) that mask the zero units' weights out of their loads; they never synchronise with the host, so
-they never refuse (their cost already scales with the active units) and report the count as a 0-d device tensor.
+they do not compare the count with ``max_units`` (their cost already scales with the active units) and report it
+as a 0-d device tensor; ``max_units == 0`` (``max_active=0``: sparse never pays here) still refuses, as it costs
+no synchronisation to know.
 The compiled CPU kernels (csrc/sparse_ffn.cpp) read each selected row once, in place; the PyTorch path
 (``index_select`` + matmul for the gather, ``embedding_bag`` with per-sample weights for the scatter) is the
 reference and the fallback for other devices, dtypes, autograd, or ``LEANFORMER_NATIVE=0``; ``native=False``
@@ -137,6 +139,8 @@ def gated_down(x: torch.Tensor, a: torch.Tensor, up_weight: torch.Tensor, up_bia
 
         if threshold is not None:
             a = a.masked_fill(a < threshold, 0)
+        if max_units <= 0:
+            return SparseCall(None, _active_count(a), "triton")
         h = _triton.rows_product(x, up_weight, a, up_bias)
         return SparseCall(_triton.cols_product(h, weight_t), _active_count(a), "triton")
     if backend(x, a, up_weight, weight_t, native=native) == "native" and (
@@ -163,6 +167,8 @@ def input_sparse_down(h: torch.Tensor, weight_t: torch.Tensor, max_units: int, n
     if _triton_tail(h, weight_t):
         from . import _triton
 
+        if max_units <= 0:
+            return SparseCall(None, _active_count(h), "triton")
         return SparseCall(_triton.cols_product(h, weight_t), _active_count(h), "triton")
     if backend(h, weight_t, native=native) == "native":
         out, count = _native_kernels(KERNEL_SOURCE).input_sparse_down(h.contiguous(), weight_t.contiguous(), max_units)
