@@ -44,7 +44,7 @@ DESCRIPTION = (
     "sparsified one. The prompt is encoded as sparsify and predictors encode their text: the folder's tokenizer "
     "without special tokens, or UTF-8 bytes when the folder has none. Prints the text, tokens/s (new tokens over "
     "the wall time of generate, prompt included, after a warm-up forward) and which FFN paths ran (calls per path: "
-    "sparse-native, sparse-torch, dense; mean share of hidden units computed); --compare also decodes with the "
+    "sparse-{native,triton,torch}, dense; mean share of hidden units computed); --compare also decodes with the "
     "dense model and reports its tokens/s, the speedup and whether the tokens are identical. --engine compiled "
     "decodes LLaMA-family models (LLaMA/SmolLM, Mistral, Qwen2/3, Gemma) with leanformer's compiled decoder instead "
     "of model.generate: every weight streamed once per token, the zero units of ReLU/FATReLU FFNs and the inputs "
